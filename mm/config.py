@@ -1,0 +1,369 @@
+"""Experiment configuration: typed dataclass sections, YAML files, dotted overrides.
+
+A config file is YAML with one section per dataclass below (``run``, ``model``, ``vq``, ``data``,
+``train``, ``log``, ``objectives``, ``vqa``). A file may name one ``base:`` file (relative to
+itself) whose values it overrides; the base itself may not have a base (one level, so a reader
+sees every value in at most two files). Command-line overrides are dotted ``key=value`` strings
+converted to the field's type. Unknown keys and wrong types are one-line ``MMError``s that name
+the key and the closest valid one.
+
+    cfg = load_config("configs/vq/shapes.yaml", ["train.lr=3e-4", "run.dir=runs/x"])
+    save_config(cfg, "runs/x/config.yaml")     # load_config of that file gives cfg back
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mm.errors import MMError
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # run folder: config.yaml, checkpoints/, metrics.jsonl, final/
+    seed: int = 0
+    stage: str = "pretrain"  # vq | pretrain | vqa
+    init_from: str = ""  # vqa: a pretrain run folder or exported model folder to start from
+
+
+@dataclass
+class ModelConfig:
+    # Architecture comes from a named preset (mm.models.presets); any field set here overrides it.
+    preset: str = "tiny"
+    width: int | None = None  # backbone width D
+    depth: int | None = None  # backbone blocks
+    heads: int | None = None
+    mlp_ratio: float | None = None
+    patch_size: int | None = None  # continuous patches for understanding
+    text_encoder: str = "builtin"  # "builtin" or a local Hugging Face model folder
+    text_width: int | None = None
+    text_depth: int | None = None
+    freeze_text_encoder: bool = False
+    decoder_depth: int | None = None  # TextDecoder blocks (captions, generative VQA)
+    dropout: float = 0.0
+
+
+@dataclass
+class VQConfig:
+    path: str = ""  # pretrain/vqa: trained VQ tokenizer folder; empty = train one first
+    codebook_size: int = 512
+    code_dim: int = 8  # low-dimensional l2-normalised lookup (LlamaGen style)
+    downsample: int = 4  # 4, 8 or 16
+    channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
+    layers_per_block: int = 1
+    quantizer: str = "l2"  # l2 | ema
+    beta: float = 0.25  # commitment weight on the encoder term
+    ema_decay: float = 0.99
+    restart_dead_codes: bool = True
+    dead_code_steps: int = 50  # a code unused this many steps is restarted from encoder outputs
+    recon_loss: str = "l1"  # l1 | l2
+    disc_weight: float = 0.0  # PatchGAN weight; 0 = off
+    disc_start: int = 1000  # discriminator warm-up steps
+    perceptual_path: str = ""  # local weights for a perceptual loss; empty = off
+    perceptual_weight: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=lambda: ["builtin:shapes"])  # shard patterns
+    val: list[str] = field(default_factory=lambda: ["builtin:shapes"])
+    weights: list[float] = field(default_factory=list)  # mixture weights for several train sets
+    image_size: int = 32
+    text_max_len: int = 32
+    tokenizer: str = ""  # tokenizer folder; empty = train a BPE on the train captions
+    vocab_size: int = 1024  # BPE size when the tokenizer is trained
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    augment: bool = False
+    shapes_train: int = 20000  # samples in the built-in shapes train split
+    shapes_val: int = 500
+    shapes_cache: str = ""  # where built-in shards are written; empty = ~/.cache/mm
+    val_samples: int = 512  # validation samples used per evaluation
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 32  # per process, per micro-step
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    eval_every: int = 500
+    ema_decay: float = 0.0  # 0 = no EMA of weights
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    compile: bool = False
+    grad_checkpointing: bool = False
+    time_limit_minutes: float = 0.0  # 0 = none; otherwise stop (and save) when reached
+
+
+@dataclass
+class LogConfig:
+    report_to: str = "none"  # none | wandb
+    every: int = 10
+    project: str = "mm"
+    name: str = ""
+    image_every: int = 0  # sample/reconstruction grids; 0 = at each evaluation
+
+
+@dataclass
+class ObjectivesConfig:
+    itc: float = 1.0  # weight; 0 switches the objective off
+    itm: float = 1.0
+    caption: float = 1.0
+    t2i: float = 1.0
+    mixing: str = "all"  # all (every objective each step) | sample (one per step by ratio)
+    ratios: list[float] = field(default_factory=list)  # for mixing=sample, order itc,itm,caption,t2i
+    cfg_dropout: float = 0.1  # probability that T2I sees the null text context
+    hard_negatives: bool = True
+
+
+@dataclass
+class VQAConfig:
+    head: str = "classifier"  # classifier | generative
+    answer_vocab_size: int = 1000
+    rank_candidates: bool = False  # generative: rank the candidate list instead of free decoding
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vq: VQConfig = field(default_factory=VQConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    vqa: VQAConfig = field(default_factory=VQAConfig)
+
+
+STAGES = ("vq", "pretrain", "vqa")
+
+# ---------------------------------------------------------------------------------------------
+# Loading and checking
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of ``cls``: ``run.dir``, ``train.lr``, ..."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        t = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(t):
+            keys += valid_keys(t, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown(key: str, candidates: list[str]) -> MMError:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.4)
+    hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(candidates[:12])}"
+    return MMError(f"unknown config key '{key}'; {hint}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(value: Any, tp: Any, key: str, from_string: bool) -> Any:
+    """Convert ``value`` to the annotated type ``tp`` or raise a one-line MMError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # only `X | None` is used
+        inner = [a for a in args if a is not type(None)][0]
+        if value is None or (from_string and str(value).strip().lower() in ("none", "null", "")):
+            return None
+        return _convert(value, inner, key, from_string)
+    if origin is list:
+        (inner,) = args
+        if from_string and isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = yaml.safe_load(text)
+            else:
+                value = [v for v in text.split(",") if v.strip()] if text else []
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single value where a list is expected
+        if not isinstance(value, list):
+            raise MMError(f"config key '{key}' expects a list, got {value!r}")
+        return [_convert(v, inner, key, from_string) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+        raise MMError(f"config key '{key}' expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise MMError(f"config key '{key}' expects an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            number = float(str(value).strip())
+        except ValueError:
+            number = None
+        if number is None or not number.is_integer():
+            raise MMError(f"config key '{key}' expects an integer, got {value!r}")
+        return int(number)
+    if tp is float:
+        if isinstance(value, bool):
+            raise MMError(f"config key '{key}' expects a number, got {value!r}")
+        try:
+            return float(str(value).strip()) if isinstance(value, str) else float(value)
+        except (TypeError, ValueError):
+            raise MMError(f"config key '{key}' expects a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise MMError(f"config key '{key}' expects a string, got {value!r}")
+        return "" if value is None else str(value)
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking every key and type."""
+    if not isinstance(data, dict):
+        raise MMError(f"config section '{prefix.rstrip('.') or 'top'}' must be a mapping, got {data!r}")
+    types_ = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown(prefix + str(key), valid_keys(Config) if not prefix else
+                           [prefix + n for n in names])
+        tp = types_[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, prefix + key + ".")
+        else:
+            kwargs[key] = _convert(value, tp, prefix + key, from_string=False)
+    return cls(**kwargs)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise MMError(f"config file not found: {path}; pass the path of a YAML file such as configs/vq/shapes.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "syntax error"
+        raise MMError(f"config file {path} is not valid YAML ({first}); fix the file") from None
+    if not isinstance(data, dict):
+        raise MMError(f"config file {path} must be a YAML mapping of sections (run:, train:, ...)")
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml_dict(path: str | Path) -> dict:
+    """The file's nested dict with its ``base:`` (one level) merged underneath."""
+    path = Path(path)
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base:
+        base_path = (path.parent / str(base)).resolve()
+        base_data = _read_yaml(base_path)
+        if "base" in base_data:
+            raise MMError(f"{base_path} has its own 'base:'; only one level of inheritance is allowed")
+        data = _merge(base_data, data)
+    return data
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``key=value`` strings (``train.lr=3e-4``) to a config, in order."""
+    keys = valid_keys(Config)
+    for item in overrides:
+        if "=" not in item:
+            raise MMError(f"override '{item}' is not key=value; write e.g. train.lr=3e-4")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key not in keys:
+            raise _unknown(key, keys)
+        section_name, name = key.split(".", 1)
+        section = getattr(cfg, section_name)
+        tp = _field_types(type(section))[name]
+        setattr(section, name, _convert(value, tp, key, from_string=True))
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that span fields or need ranges; each failure is one line."""
+    if cfg.run.stage not in STAGES:
+        raise MMError(f"run.stage is '{cfg.run.stage}'; use one of {', '.join(STAGES)}")
+    checks = [
+        ("train.max_steps", cfg.train.max_steps >= 0, "must be >= 0"),
+        ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
+        ("train.grad_accum", cfg.train.grad_accum >= 1, "must be >= 1"),
+        ("train.lr", cfg.train.lr > 0, "must be > 0"),
+        ("train.checkpoint_every", cfg.train.checkpoint_every >= 0, "must be >= 0 (0 = only at the end)"),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, "must be >= 1"),
+        ("train.mixed_precision", cfg.train.mixed_precision in ("no", "bf16", "fp16"), "must be no, bf16 or fp16"),
+        ("train.ema_decay", 0.0 <= cfg.train.ema_decay < 1.0, "must be in [0, 1)"),
+        ("log.report_to", cfg.log.report_to in ("none", "wandb"), "must be none or wandb"),
+        ("data.image_size", cfg.data.image_size >= 8, "must be >= 8"),
+        ("data.text_max_len", cfg.data.text_max_len >= 4, "must be >= 4"),
+        ("data.num_workers", cfg.data.num_workers >= 0, "must be >= 0"),
+        ("vq.downsample", cfg.vq.downsample in (4, 8, 16), "must be 4, 8 or 16"),
+        ("vq.codebook_size", cfg.vq.codebook_size >= 2, "must be >= 2"),
+        ("vq.quantizer", cfg.vq.quantizer in ("l2", "ema"), "must be l2 or ema"),
+        ("vq.recon_loss", cfg.vq.recon_loss in ("l1", "l2"), "must be l1 or l2"),
+        ("objectives.mixing", cfg.objectives.mixing in ("all", "sample"), "must be all or sample"),
+        ("objectives.cfg_dropout", 0.0 <= cfg.objectives.cfg_dropout <= 1.0, "must be in [0, 1]"),
+        ("vqa.head", cfg.vqa.head in ("classifier", "generative"), "must be classifier or generative"),
+    ]
+    for key, ok, what in checks:
+        if not ok:
+            section, name = key.split(".")
+            raise MMError(f"config key '{key}' {what}; got {getattr(getattr(cfg, section), name)!r}")
+    if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.train):
+        raise MMError(f"data.weights has {len(cfg.data.weights)} values for {len(cfg.data.train)} "
+                      "data.train sources; give one weight per source or none")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (with its base), apply dotted overrides, validate."""
+    data = load_yaml_dict(path) if path is not None else {}
+    cfg = _build(Config, data)
+    apply_overrides(cfg, list(overrides or []))
+    return validate(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    return validate(_build(Config, data))
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config; ``load_config(path)`` reads back an equal Config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,146 @@
+"""Shard sets on disk: writing them reproducibly and naming them.
+
+A shard set is a folder of webdataset tars ``{prefix}-000000.tar …`` plus ``sizes.json``
+(shard file name → sample count). Every tool that takes "a shard folder or pattern" goes
+through :func:`expand_shards`, which accepts a folder, a brace pattern
+``shards-{000000..000009}.tar``, a glob, a single tar, or a ``pipe:`` URL.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+import braceexpand
+import webdataset as wds
+
+from mm.errors import MMError
+
+SIZES = "sizes.json"
+
+
+class ShardWriter:
+    """Write samples into numbered tar shards, byte-identical for identical input.
+
+    Each shard is written under a temporary name and renamed when complete, so a crash never
+    leaves a half-written shard that looks finished. ``sizes.json`` is written on close.
+    Samples are dicts as webdataset expects: ``{"__key__": "000001", "png": bytes, "txt": str,
+    "json": dict, ...}``.
+    """
+
+    def __init__(self, out_dir: str | Path, prefix: str = "shards", samples_per_shard: int = 1000,
+                 start_index: int = 0):
+        if samples_per_shard < 1:
+            raise MMError(f"samples per shard must be >= 1, got {samples_per_shard}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.samples_per_shard = samples_per_shard
+        self.index = start_index
+        self.sizes: dict[str, int] = {}
+        self._writer = None
+        self._tmp: Path | None = None
+        self._count = 0
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{self.index:06d}.tar"
+        self._name = name
+        self._tmp = self.out_dir / (name + ".tmp")
+        self._stream = open(self._tmp, "wb")
+        # Fixed mtime/user/group: the same samples give the same bytes.
+        self._writer = wds.TarWriter(self._stream, user="mm", group="mm", mtime=0.0)
+        self._count = 0
+
+    def _finish(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._stream.close()
+        os.replace(self._tmp, self.out_dir / self._name)
+        self.sizes[self._name] = self._count
+        self._writer = None
+        self.index += 1
+
+    def write(self, sample: dict) -> None:
+        if self._writer is None:
+            self._open()
+        self._writer.write(sample)
+        self._count += 1
+        if self._count >= self.samples_per_shard:
+            self._finish()
+
+    def close(self) -> dict[str, int]:
+        self._finish()
+        write_sizes(self.out_dir, self.sizes)
+        return self.sizes
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.close()
+        elif self._writer is not None:  # an error: drop the partial shard
+            self._writer.close()
+            self._stream.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+def write_sizes(out_dir: str | Path, sizes: dict[str, int]) -> None:
+    """Merge ``sizes`` into ``out_dir/sizes.json`` (atomically)."""
+    path = Path(out_dir) / SIZES
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update(sizes)
+    tmp = path.with_name(SIZES + ".tmp")
+    tmp.write_text(json.dumps(dict(sorted(merged.items())), indent=1))
+    os.replace(tmp, path)
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Shard URLs from a folder, brace pattern, glob, tar path or ``pipe:`` URL (or a list)."""
+    if isinstance(spec, (list, tuple)):
+        return [u for s in spec for u in expand_shards(s)]
+    spec = str(spec)
+    if spec.startswith("pipe:") or "://" in spec:
+        return list(braceexpand.braceexpand(spec))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        urls = sorted(str(p) for p in path.glob("*.tar"))
+        if not urls:
+            raise MMError(f"no .tar shards in folder {path}; write some with `mm data shapes` or `mm data ingest`")
+        return urls
+    urls = []
+    for part in braceexpand.braceexpand(str(path)):
+        urls += sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+    missing = [u for u in urls if not Path(u).exists()]
+    if not urls or missing:
+        raise MMError(f"shards not found: {missing[0] if missing else spec}; check the path or pattern")
+    return urls
+
+
+def read_sizes(urls: list[str]) -> dict[str, int | None]:
+    """Sample count per shard URL from the ``sizes.json`` beside it (None where unknown)."""
+    cache: dict[Path, dict] = {}
+    out = {}
+    for url in urls:
+        if url.startswith("pipe:") or "://" in url:
+            out[url] = None
+            continue
+        folder = Path(url).parent
+        if folder not in cache:
+            f = folder / SIZES
+            cache[folder] = json.loads(f.read_text()) if f.exists() else {}
+        out[url] = cache[folder].get(Path(url).name)
+    return out
+
+
+def count_samples(urls: list[str]) -> int:
+    """Total samples from ``sizes.json``; an error naming the shard when a count is missing."""
+    sizes = read_sizes(urls)
+    unknown = [u for u, n in sizes.items() if n is None]
+    if unknown:
+        raise MMError(f"no sample count for {unknown[0]} in sizes.json beside it; "
+                      "write shards with mm (`mm data ingest`) or add sizes.json")
+    return sum(sizes.values())
