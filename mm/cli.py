@@ -78,7 +78,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--data", help="shards with VQA questions (with --model)")
     p.add_argument("--out", default="", help="write the metrics JSON here")
     p.add_argument("--batch-size", type=int, default=64)
-    p.set_defaults(func="mm.tasks.vqa:cli_eval_vqa")
+    p.set_defaults(func="mm.eval.vqa:cli_eval_vqa")
 
     p = esub.add_parser("retrieval", help="image-text retrieval R@1/5/10 with ITC then ITM re-ranking")
     p.add_argument("--model", required=True)
