@@ -1,0 +1,109 @@
+"""Key/value caches for incremental (token-by-token) decoding.
+
+During sampling each step feeds only the new token(s); the keys and values of earlier positions
+are kept here instead of being recomputed. Two kinds with one interface
+(``next_position()``, ``update(k, v) -> (keys, values)``, ``reset()``):
+
+- ``KVCache`` grows by concatenation: simple, any length, but a new tensor shape every step.
+- ``StaticKVCache`` preallocates (B, H, Tmax, d) buffers and writes the new keys at a position
+  index held in a tensor; shapes never change, which is what ``torch.compile`` and CUDA graphs
+  need. Unwritten slots are hidden by the causal mask (key j is visible to query i iff j <= i).
+
+Cross-attention keys/values depend only on the context (the text), so ``CrossKVCache`` stores
+them once, at the first step, and every later step reuses them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    """Growing self-attention cache: keys/values are concatenated along time."""
+
+    def __init__(self):
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def next_position(self) -> int:
+        """Absolute position of the next token to be written."""
+        return 0 if self.k is None else self.k.shape[2]
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append (B, H, t, d) keys/values; return all of them (B, H, T_so_far, d)."""
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    def reset(self) -> None:
+        self.k = self.v = None
+
+
+class StaticKVCache:
+    """Preallocated self-attention cache of fixed shape (B, H, Tmax, d)."""
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        self.k = torch.zeros(batch, heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.zeros((), dtype=torch.long, device=self.k.device)  # tokens written so far
+        self.max_len = max_len
+
+    def next_position(self) -> Tensor:
+        """Absolute position of the next token (a 0-dim tensor: no host sync, compile-friendly)."""
+        return self.pos.clone()
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write (B, H, t, d) at positions pos … pos+t-1; return the whole buffers."""
+        if k.shape[0] != self.k.shape[0] or k.shape[1] != self.k.shape[1] or k.shape[3] != self.k.shape[3]:
+            raise ValueError(f"keys of shape {tuple(k.shape)} do not fit a static cache of shape "
+                             f"{tuple(self.k.shape)} (B, H, Tmax, d)")
+        idx = self.pos + torch.arange(k.shape[2], device=self.k.device)  # (t,)
+        self.k.index_copy_(2, idx, k.to(self.k.dtype))
+        self.v.index_copy_(2, idx, v.to(self.v.dtype))
+        self.pos.add_(k.shape[2])
+        return self.k, self.v
+
+    def reset(self) -> None:
+        self.pos.zero_()  # old values stay but are masked out until overwritten
+
+
+class CrossKVCache:
+    """Cross-attention keys/values, computed from the context once and reused at every step."""
+
+    def __init__(self):
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def reset(self) -> None:
+        self.k = self.v = None
+
+
+@dataclass
+class BlockCache:
+    """The caches one Transformer block needs: its self-attention cache and its cross-attention one."""
+
+    self_attn: KVCache | StaticKVCache
+    cross_attn: CrossKVCache = field(default_factory=CrossKVCache)
+
+    def reset(self) -> None:
+        self.self_attn.reset()
+        self.cross_attn.reset()
+
+
+def make_caches(num_layers: int, kind: str = "static", batch: int = 1, heads: int = 1,
+                max_len: int = 0, head_dim: int = 1, device=None, dtype=None) -> list[BlockCache]:
+    """One BlockCache per layer; ``kind`` is "static" (needs batch/heads/max_len/head_dim) or "dynamic"."""
+    if kind == "static":
+        if max_len <= 0:
+            raise ValueError(f"a static cache needs max_len > 0, got {max_len}")
+        return [BlockCache(StaticKVCache(batch, heads, max_len, head_dim, device, dtype))
+                for _ in range(num_layers)]
+    if kind == "dynamic":
+        return [BlockCache(KVCache()) for _ in range(num_layers)]
+    raise ValueError(f"cache kind must be 'static' or 'dynamic', got {kind!r}")

@@ -1,0 +1,114 @@
+"""Norms, MLPs and the pre-norm Transformer block used by every model in mm.
+
+Block (pre-norm, residual around each sub-layer):
+
+    x = x + SelfAttn(Norm(x))                  # causal or bidirectional, optional RoPE and cache
+    x = x + CrossAttn(Norm(x), context)        # only if the block has cross-attention AND a context is given
+    x = x + MLP(Norm(x))
+
+A block built with cross-attention skips it when ``context`` is None. The models never rely on
+that for classifier-free guidance or ITC: they pass their learned *null context* instead, so the
+conditional and unconditional branches use the same computation (and the same weights).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mm.nn.attention import Attention
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) * weight (no mean subtraction, no bias)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """torch's LayerNorm with an optional bias (bias=False saves a parameter vector, as in nanoGPT)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__(dim, eps=eps, bias=bias)
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    if kind == "layernorm":
+        return LayerNorm(dim)
+    if kind == "rmsnorm":
+        return RMSNorm(dim)
+    raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {kind!r}")
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: GELU (fc → GELU → proj) or SwiGLU (silu(x W1) * (x W2) → proj).
+
+    SwiGLU computes W1 and W2 in one fused matmul. ``hidden`` is the inner width.
+    """
+
+    def __init__(self, dim: int, hidden: int, kind: str = "gelu", bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        if kind not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {kind!r}")
+        self.kind = kind
+        self.fc = nn.Linear(dim, hidden * (2 if kind == "swiglu" else 1), bias=bias)
+        self.proj = nn.Linear(hidden, dim, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)  # (B, T, hidden) or (B, T, 2*hidden)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.drop(self.proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: self-attention → optional cross-attention → MLP.
+
+    forward(x (B, T, D), context (B, Tc, Dc) | None, context_mask (B, Tc) bool | None,
+            key_mask (B, T) bool | None, causal, rope (cos, sin) | None, cache BlockCache | None)
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, context_dim: int | None = None,
+                 mlp: str = "gelu", norm: str = "layernorm", bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = make_norm(norm, dim)
+        self.attn = Attention(dim, heads, bias=bias, dropout=dropout)
+        self.has_cross = context_dim is not None
+        if self.has_cross:
+            self.norm2 = make_norm(norm, dim)
+            self.cross = Attention(dim, heads, context_dim=context_dim, bias=bias, dropout=dropout)
+        self.norm3 = make_norm(norm, dim)
+        hidden = int(dim * mlp_ratio)
+        if mlp == "swiglu":
+            hidden = int(2 * hidden / 3)  # keep the parameter count of a GELU MLP of the same ratio
+        self.mlp = MLP(dim, hidden, mlp, bias=bias, dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
+        causal: bool = False,
+        rope: tuple[Tensor, Tensor] | None = None,
+        cache=None,
+    ) -> Tensor:
+        self_cache = cache.self_attn if cache is not None else None
+        x = x + self.drop(self.attn(self.norm1(x), key_mask=key_mask, causal=causal, rope=rope, cache=self_cache))
+        cross_cache = cache.cross_attn if cache is not None else None
+        cached = cross_cache is not None and cross_cache.k is not None
+        if self.has_cross and (context is not None or cached):
+            x = x + self.drop(self.cross(self.norm2(x), context, key_mask=context_mask, cache=cross_cache))
+        return x + self.mlp(self.norm3(x))
