@@ -110,6 +110,7 @@ class TrainConfig:
     compile: bool = False
     grad_checkpointing: bool = False
     time_limit_minutes: float = 0.0  # 0 = none; otherwise stop (and save) when reached
+    stop_at_step: int = 0  # stop (and save) at this step without changing the schedule; 0 = max_steps
 
 
 @dataclass

@@ -1,0 +1,210 @@
+"""Checkpoints that are either complete or absent.
+
+Layout of one checkpoint, ``RUN/checkpoints/step_N/``::
+
+    model.safetensors          the task's model (safetensors: no code runs on load)
+    <name>.safetensors         other modules (discriminator, ema)
+    state.pt                   optimizer and grad-scaler states, loaded with weights_only=True
+    rng_rank{R}.pt             each process's RNG states (weights_only)
+    progress.json              step, samples seen, data position, counters
+    COMPLETE                   written last
+
+Every process writes into ``checkpoints/.tmp-step_N``; after a barrier and an agreement that no
+process failed, rank 0 writes ``COMPLETE`` and renames the folder to ``step_N``. A crash at any
+moment leaves either the old checkpoints or the new complete one; leftovers ``.tmp-*`` are
+ignored and cleaned. Folder names are ours, never Accelerate's automatic naming.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from mm.errors import MMError
+
+COMPLETE = "COMPLETE"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(run_dir)
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith("step_") and (p / COMPLETE).exists():
+                try:
+                    found.append((int(p.name[5:]), p))
+                except ValueError:
+                    continue
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+# --- RNG ---------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- Saving ------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _torch_save(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _agree(accelerator, failed: bool) -> bool:
+    """True if any process failed (all processes return the same answer)."""
+    if accelerator.num_processes == 1:
+        return failed
+    flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, modules: dict[str, torch.nn.Module],
+                    state: dict, progress: dict, keep: int) -> Path:
+    """Write checkpoint ``step`` from every process; returns its folder on success.
+
+    ``modules``: name → unwrapped module saved as ``name.safetensors`` by rank 0.
+    ``state``: optimizer/scaler state dicts (identical on all ranks), saved by rank 0.
+    Raises MMError (on every process) if any write failed; earlier checkpoints stay intact.
+    """
+    root = checkpoint_root(run_dir)
+    final = root / f"step_{step}"
+    tmp = root / f".tmp-step_{step}"
+    rank = accelerator.process_index
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    error = None
+    try:
+        if accelerator.is_main_process:
+            for name, module in modules.items():
+                save_model(module, str(tmp / f"{name}.safetensors"))
+            _torch_save(state, tmp / "state.pt")
+            (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
+        _torch_save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    except OSError as e:  # disk full, permissions, quota
+        error = e
+    failed = _agree(accelerator, error is not None)
+    if failed:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        last = latest_checkpoint(run_dir)
+        reason = f"{error.strerror or error}" if error else "another process failed to write"
+        raise MMError(f"could not write checkpoint step_{step} ({reason}); "
+                      f"the previous checkpoint {last.name if last else '(none)'} is intact; free space and rerun to resume")
+    if accelerator.is_main_process:
+        (tmp / COMPLETE).write_text(str(step))
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        (Path(run_dir) / "progress.json").write_text(json.dumps(progress, indent=1))
+        prune(run_dir, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; drop stale temporary folders."""
+    found = list_checkpoints(run_dir)
+    for _, path in found[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+    root = checkpoint_root(run_dir)
+    for p in root.glob(".tmp-step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# --- Loading -----------------------------------------------------------------------------------
+
+
+def safe_torch_load(path: Path):
+    """torch.load restricted to tensors and plain containers: a pickle payload never runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError, ValueError) as e:
+        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise MMError(f"refusing to load {path}: not a weights-only checkpoint file ({first}); "
+                      "delete it or use a checkpoint written by mm") from None
+
+
+def load_module(module: torch.nn.Module, path: Path) -> None:
+    """Load ``path`` (safetensors only) into ``module``, strictly."""
+    if path.suffix != ".safetensors":
+        raise MMError(f"refusing to load weights from {path}: only .safetensors files are loaded")
+    try:
+        load_model(module, str(path), strict=True)
+    except Exception as e:  # header or shape mismatch, truncated file
+        raise MMError(f"could not load {path} ({str(e).splitlines()[0][:160]}); "
+                      "the checkpoint does not match this config") from None
+
+
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], rank: int) -> tuple[dict, dict]:
+    """Load modules in place; return (state, progress). RNG is restored for ``rank``."""
+    for name, module in modules.items():
+        f = path / f"{name}.safetensors"
+        if not f.exists():
+            raise MMError(f"checkpoint {path} lacks {f.name}; it was written by another config")
+        load_module(module, f)
+    state = safe_torch_load(path / "state.pt")
+    progress = json.loads((path / "progress.json").read_text())
+    rng_file = path / f"rng_rank{rank}.pt"
+    if rng_file.exists():  # absent when resuming on more processes than saved
+        set_rng_state(safe_torch_load(rng_file))
+    return state, progress

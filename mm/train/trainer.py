@@ -1,0 +1,346 @@
+"""The training loop shared by every stage (vq, pretrain, vqa).
+
+``train(cfg)`` is the loop; the task (mm/tasks) computes losses and metrics, and small
+components do the rest: ``checkpoint`` (atomic save / exact resume), ``logger`` (progress bar,
+metrics.jsonl, wandb), ``optim`` (AdamW groups, schedule, EMA), ``setup`` (processes, data,
+task). One ``step`` is one optimizer update over ``train.grad_accum`` micro-batches.
+
+Exact resume: model, optimizer, grad scaler, EMA, every process's RNG states and the data
+stream position (batches consumed) are checkpointed; per-sample randomness in the data comes
+from sample keys, so a resumed run on CPU is bitwise identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mm.config import Config, config_to_dict, load_config
+from mm.errors import MMError
+from mm.train import checkpoint as ckpt
+from mm.train.logger import RunLogger
+from mm.train.optim import EMA, lr_at, make_optimizer, set_lr
+from mm.train.setup import make_accelerator, make_loader, make_task, prepare_run_dir, resolve_sources
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer updates done
+    batches: int = 0  # micro-batches this process consumed from its data stream
+    samples: int = 0  # samples seen by all processes
+    nonfinite: int = 0  # consecutive non-finite steps
+    nonfinite_total: int = 0
+    skipped: dict = field(default_factory=dict)  # corrupt samples by reason (this process)
+
+
+class StopSignals:
+    """SIGTERM / SIGINT ask the loop to save and stop at the end of the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker)
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.requested = True
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class TaskModule(torch.nn.Module):
+    """Wraps a task so that DDP sees one forward: ``forward(batch, step) -> (loss, metrics)``."""
+
+    def __init__(self, task):
+        super().__init__()
+        self.model = task.model
+        self._task = (task,)  # a tuple: not registered as a submodule
+
+    def forward(self, batch, step):
+        return self._task[0].loss(batch, step)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _add_skipped(total: dict, new: dict | None) -> None:
+    for reason, n in (new or {}).items():
+        total[reason] = total.get(reason, 0) + int(n)
+
+
+def _any_rank(accelerator, *flags: bool) -> list[bool]:
+    """Per flag: True if it is True on any process (one collective for all flags)."""
+    t = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="sum")
+    return [bool(v > 0) for v in t.tolist()]
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.acc = make_accelerator(cfg)
+        seed_everything(cfg.run.seed)  # same on every process: identical initial weights
+        self.run_dir = prepare_run_dir(cfg, self.acc)
+        self.data_cfg = resolve_sources(cfg, self.acc)
+        self.task = make_task(self.data_cfg)
+        if hasattr(self.task, "setup"):
+            self.task.setup(self.run_dir, self.acc)
+        self.progress = Progress()
+        t = cfg.train
+        self.optimizer = make_optimizer(self.task.model, t.lr, t.weight_decay, t.betas)
+        disc = getattr(self.task, "discriminator", None)
+        self.disc_optimizer = make_optimizer(disc, t.lr, 0.0, t.betas) if disc is not None else None
+        self.ema = EMA(self.task.model, t.ema_decay) if t.ema_decay > 0 else None
+        self.module, self.optimizer = self.acc.prepare(TaskModule(self.task), self.optimizer)
+        self._resume()
+        if self.progress.step == 0:  # fresh run: each process its own stream for training-time randomness
+            seed_everything(cfg.run.seed + 1000 * self.acc.process_index)
+        self.loader = make_loader(self.data_cfg, self.task, self.acc, train=True, start_batch=self.progress.batches)
+        self.logger = RunLogger(self.run_dir, config_to_dict(cfg), self.acc.is_main_process, cfg.log.report_to,
+                                cfg.train.max_steps, self.progress.step, cfg.log.project, cfg.log.name)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def _modules(self) -> dict:
+        mods = {"model": self.task.model}
+        if getattr(self.task, "discriminator", None) is not None:
+            mods["discriminator"] = self.task.discriminator
+        return mods
+
+    def _resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return
+        state, progress = ckpt.load_checkpoint(path, self._modules(), self.acc.process_index)
+        self.optimizer.optimizer.load_state_dict(state["optimizer"])
+        if self.disc_optimizer is not None:
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        if self.acc.scaler is not None and state.get("scaler"):
+            self.acc.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+        if hasattr(self.task, "load_state_dict") and "task" in state:
+            self.task.load_state_dict(state["task"])
+        self.progress = Progress(**progress["progress"])
+        if self.acc.is_main_process:
+            print(f"mm: resuming {self.run_dir} from {path.name}", flush=True)
+
+    def save(self) -> Path:
+        state = {"optimizer": self.optimizer.optimizer.state_dict()}
+        if self.disc_optimizer is not None:
+            state["disc_optimizer"] = self.disc_optimizer.state_dict()
+        if self.acc.scaler is not None:
+            state["scaler"] = self.acc.scaler.state_dict()
+        if hasattr(self.task, "state_dict"):
+            state["task"] = self.task.state_dict()
+        progress = {"progress": self.progress.__dict__, "step": self.progress.step,
+                    "samples_seen": self.progress.samples, "data_seed": self.cfg.run.seed,
+                    "data_batches": self.progress.batches}
+        path = ckpt.save_checkpoint(self.acc, self.run_dir, self.progress.step, self._modules(), state,
+                                    progress, self.cfg.train.keep_checkpoints)
+        if self.ema is not None and self.acc.is_main_process:
+            save_file(self.ema.state_dict(), str(path / "ema.safetensors"))
+        self.acc.wait_for_everyone()
+        return path
+
+    # --- one step ------------------------------------------------------------------------------
+
+    def step(self, batches) -> dict:
+        cfg, p = self.cfg, self.progress
+        set_lr(self.optimizer, lr_at(p.step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps,
+                                     cfg.train.min_lr_ratio))
+        sums: dict[str, float] = {}
+        finite = True
+        batch = None
+        for micro in range(cfg.train.grad_accum):
+            batch = next(batches)
+            p.batches += 1
+            _add_skipped(p.skipped, batch.pop("skipped", None))
+            batch = to_device(batch, self.acc.device)
+            last = micro == cfg.train.grad_accum - 1
+            with contextlib.nullcontext() if last else self.acc.no_sync(self.module):
+                loss, metrics = self.module(batch, p.step)
+                finite &= bool(torch.isfinite(loss.detach()))
+                self.acc.backward(loss / cfg.train.grad_accum)
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
+        n = len(next(iter(v for v in batch.values() if isinstance(v, (list, torch.Tensor)))))
+        p.samples += n * cfg.train.grad_accum * self.acc.num_processes
+        (bad,) = _any_rank(self.acc, not finite)
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            p.nonfinite += 1
+            p.nonfinite_total += 1
+            return {"nonfinite_steps": p.nonfinite_total}
+        p.nonfinite = 0
+        if cfg.train.grad_clip > 0:
+            sums["grad_norm"] = float(self.acc.clip_grad_norm_(self.task.model.parameters(), cfg.train.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.disc_optimizer is not None:
+            sums.update(self._discriminator_step(batch, p.step))
+        if hasattr(self.task, "after_step"):
+            self.task.after_step(p.step)
+        if self.ema is not None:
+            self.ema.update(self.task.model)
+        sums["lr"] = self.optimizer.param_groups[0]["lr"]
+        return sums
+
+    def _discriminator_step(self, batch, step) -> dict:
+        disc = self.task.discriminator
+        loss, metrics = self.task.discriminator_loss(batch, step)
+        if loss.requires_grad:
+            self.acc.backward(loss)
+            if self.acc.num_processes > 1:  # plain gradient averaging: the discriminator is not DDP-wrapped
+                for prm in disc.parameters():
+                    if prm.grad is not None:
+                        torch.distributed.all_reduce(prm.grad)
+                        prm.grad /= self.acc.num_processes
+            self.disc_optimizer.step()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        return {"disc_loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
+
+    # --- validation ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _eval_weights(self):
+        """Evaluate (and export) the EMA weights when there is an EMA; restore afterwards."""
+        model = self.task.model
+        backup = None
+        if self.ema is not None:
+            backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.ema.copy_to(model)
+        was_training = model.training
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+            if backup is not None:
+                model.load_state_dict(backup)
+
+    def validate(self) -> dict:
+        metrics = {}
+        if self.acc.is_main_process and hasattr(self.task, "validate"):
+            n_batches = max(1, math.ceil(self.cfg.data.val_samples / self.cfg.train.batch_size))
+            loader = make_loader(self.data_cfg, self.task, self.acc, train=False)
+
+            def batches():
+                for i, b in enumerate(loader):
+                    if i >= n_batches:
+                        break
+                    b.pop("skipped", None)
+                    yield to_device(b, self.acc.device)
+
+            # fork_rng: validation never changes the training RNG stream (exact resume).
+            with torch.random.fork_rng(devices=[]), self._eval_weights(), torch.no_grad():
+                metrics = {f"val/{k}": v for k, v in self.task.validate(batches()).items()}
+                if hasattr(self.task, "images"):
+                    first = next(iter(batches()), None)
+                    if first is not None:
+                        self.logger.images(self.progress.step, self.task.images(first))
+            self.logger.log(self.progress.step, metrics)
+        self.acc.wait_for_everyone()
+        return metrics
+
+    def export(self) -> Path:
+        out = self.run_dir / "final"
+        if self.acc.is_main_process:
+            with self._eval_weights():
+                self.task.export(out)
+        self.acc.wait_for_everyone()
+        return out
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        cfg, p = self.cfg, self.progress
+        stop_at = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
+        signals = StopSignals()
+        batches = iter(self.loader)
+        started, last_log, last_samples = time.time(), time.time(), p.samples
+        reason = "max_steps" if stop_at == cfg.train.max_steps else "stop_at_step"
+        try:
+            if p.step >= stop_at:  # nothing left to do: a finished run, resumed
+                done = {"step": p.step, "stopped_by": "already_done", "run_dir": str(self.run_dir)}
+                if p.step >= cfg.train.max_steps:
+                    done["export"] = str(self.export() if not (self.run_dir / "final").exists()
+                                         else self.run_dir / "final")
+                return done
+            while p.step < stop_at:
+                metrics = self.step(batches)
+                p.step += 1
+                if p.nonfinite >= cfg.train.max_nonfinite:
+                    last = ckpt.latest_checkpoint(self.run_dir)
+                    raise MMError(f"loss was not finite for {p.nonfinite} consecutive steps (step {p.step}); "
+                                  f"last good checkpoint: {last.name if last else 'none'}; lower train.lr or "
+                                  "use train.mixed_precision=no")
+                if p.step % cfg.log.every == 0 or p.step == stop_at:
+                    now = time.time()
+                    metrics["samples_per_s"] = (p.samples - last_samples) / max(now - last_log, 1e-9)
+                    metrics["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                    metrics.update({f"skipped/{k}": v for k, v in p.skipped.items()})
+                    last_log, last_samples = now, p.samples
+                    self.logger.log(p.step, metrics)
+                    self.logger.progress(p.step, {k: metrics[k] for k in ("loss", "lr", "samples_per_s")
+                                                  if k in metrics})
+                if cfg.train.eval_every and p.step % cfg.train.eval_every == 0 and p.step < cfg.train.max_steps:
+                    self.validate()
+                over_time = cfg.train.time_limit_minutes > 0 and (time.time() - started) > 60 * cfg.train.time_limit_minutes
+                stop, timeout = _any_rank(self.acc, signals.requested, over_time)
+                if stop or timeout:
+                    reason = "signal" if stop else "time_limit"
+                    break
+                if cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0:
+                    self.save()
+            self.save()
+            result = {"step": p.step, "stopped_by": reason, "run_dir": str(self.run_dir)}
+            if reason in ("max_steps", "time_limit"):  # the run is finished: evaluate and export
+                result.update(self.validate())
+                result["export"] = str(self.export())
+            return result
+        finally:
+            signals.restore()
+            self.logger.close()
+
+
+def train(cfg: Config) -> dict:
+    """Train (or resume) the run described by ``cfg``; returns a summary dict."""
+    return Trainer(cfg).fit()
+
+
+def cli_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    if result.get("stopped_by") == "signal":
+        print(f"mm: stopped at step {result['step']}; checkpoint saved; run the same command to resume")
+    elif "export" in result:
+        print(f"mm: finished at step {result['step']}; model exported to {result['export']}")
+    else:
+        print(f"mm: stopped at step {result['step']}; checkpoint saved in {Path(result['run_dir']) / 'checkpoints'}")
+    return 0
