@@ -97,7 +97,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--fid-data", default="", help="shards of real images for FID (optional)")
     p.add_argument("--inception", default="", help="local Inception weights for FID (default: mm features)")
     p.add_argument("--out", default="")
-    p.set_defaults(func="mm.tasks.pretrain:cli_eval_t2i")
+    p.set_defaults(func="mm.eval.t2i:cli_eval_t2i")
 
     p = esub.add_parser("caption", help="BLEU-4 and CIDEr-D of generated captions against references")
     p.add_argument("--model", required=True)

@@ -19,7 +19,7 @@ ALLOWED = {
     "nn": set(),  # torch only
     "data": {"config", "errors"},
     "models": {"config", "errors", "nn"},
-    "generation": {"config", "errors", "nn", "models"},
+    "generation": {"config", "errors", "nn", "models", "data"},
     "eval": {"config", "errors", "nn", "models", "generation", "data"},
     "tasks": {"config", "errors", "nn", "models", "generation", "eval", "data"},
     "train": {"config", "errors", "nn", "models", "generation", "eval", "data", "tasks"},
