@@ -53,7 +53,8 @@ class ModelConfig:
 
 @dataclass
 class VQConfig:
-    path: str = ""  # pretrain/vqa: trained VQ tokenizer folder; empty = train one first
+    path: str = ""  # pretrain/vqa: trained VQ tokenizer folder; empty = train one first (vq.config)
+    config: str = ""  # VQ training config (relative to this file) used when vq.path is empty
     codebook_size: int = 512
     code_dim: int = 8  # low-dimensional l2-normalised lookup (LlamaGen style)
     downsample: int = 4  # 4, 8 or 16
@@ -279,14 +280,26 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+# Keys holding file paths that are written relative to the YAML file that sets them.
+FILE_RELATIVE_KEYS = (("vq", "config"),)
+
+
+def _resolve_relative(data: dict, folder: Path) -> dict:
+    for section, key in FILE_RELATIVE_KEYS:
+        value = (data.get(section) or {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            data[section][key] = str((folder / value).resolve())
+    return data
+
+
 def load_yaml_dict(path: str | Path) -> dict:
     """The file's nested dict with its ``base:`` (one level) merged underneath."""
     path = Path(path)
-    data = _read_yaml(path)
+    data = _resolve_relative(_read_yaml(path), path.parent)
     base = data.pop("base", None)
     if base:
         base_path = (path.parent / str(base)).resolve()
-        base_data = _read_yaml(base_path)
+        base_data = _resolve_relative(_read_yaml(base_path), base_path.parent)
         if "base" in base_data:
             raise MMError(f"{base_path} has its own 'base:'; only one level of inheritance is allowed")
         data = _merge(base_data, data)

@@ -137,3 +137,71 @@ def make_loader(cfg: Config, task, accelerator, *, train: bool, start_batch: int
         train=train,
         start_batch=start_batch,
     )
+
+
+def ensure_vq(cfg: Config, run_dir: Path) -> Config:
+    """Pretraining needs a VQ tokenizer: use vq.path, or train one first from vq.config.
+
+    The nested run lives in ``RUN/vq`` (so it resumes too), reads the same data sources and uses
+    this config's ``vq.*`` architecture; its training budget comes from the vq.config file.
+    """
+    if cfg.run.stage != "pretrain" or cfg.vq.path:
+        if cfg.vq.path and not (Path(cfg.vq.path) / "config.json").exists():
+            raise MMError(f"vq.path {cfg.vq.path} is not a VQ tokenizer folder (no config.json); "
+                          "export one with `mm train configs/vq/shapes.yaml`")
+        return cfg
+    if not cfg.vq.config:
+        raise MMError("pretraining needs a VQ tokenizer: set vq.path=DIR (RUN/final of `mm train "
+                      "configs/vq/shapes.yaml`) or vq.config=VQ.yaml to train one first")
+    from mm.train.trainer import train
+
+    vq_run = run_dir / "vq"
+    if not (vq_run / "final" / "config.json").exists():
+        d = cfg.data
+        overrides = [f"run.dir={vq_run}", f"run.seed={cfg.run.seed}", "run.stage=vq",
+                     f"train.mixed_precision={cfg.train.mixed_precision}",
+                     f"data.train={','.join(d.train)}", f"data.val={','.join(d.val)}",
+                     f"data.image_size={d.image_size}", f"data.shapes_train={d.shapes_train}",
+                     f"data.shapes_val={d.shapes_val}", f"data.num_workers={d.num_workers}"]
+        if d.shapes_cache:
+            overrides.append(f"data.shapes_cache={d.shapes_cache}")
+        overrides += [f"vq.{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                      for k, v in config_to_dict(cfg.vq).items() if k not in ("path", "config")]
+        print(f"mm: training the VQ tokenizer first ({cfg.vq.config} -> {vq_run})", flush=True)
+        train(load_config(cfg.vq.config, overrides))
+    cfg = copy.deepcopy(cfg)
+    cfg.vq.path = str(vq_run / "final")
+    return cfg
+
+
+def ensure_tokenizer(cfg: Config, run_dir: Path, accelerator) -> Config:
+    """Stages with text need a tokenizer folder: given, the HF encoder's, the init model's, or trained."""
+    if cfg.run.stage == "vq" or cfg.data.tokenizer:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    if cfg.model.text_encoder != "builtin":
+        cfg.data.tokenizer = cfg.model.text_encoder  # a Hugging Face encoder brings its tokenizer
+        return cfg
+    if cfg.run.init_from:
+        cfg.data.tokenizer = str(init_folder(cfg.run.init_from) / "tokenizer")
+        return cfg
+    from mm.data.shards import expand_shards
+    from mm.data.tokenizer import captions_from_shards, train_tokenizer
+
+    out = run_dir / "tokenizer"
+    if accelerator.is_main_process and not (out / "tokenizer.json").exists():
+        train_tokenizer(captions_from_shards(expand_shards(cfg.data.train)), cfg.data.vocab_size, out)
+    accelerator.wait_for_everyone()
+    cfg.data.tokenizer = str(out)
+    return cfg
+
+
+def init_folder(path: str) -> Path:
+    """An exported model folder from a folder or a run folder (its ``final/``)."""
+    p = Path(path)
+    if (p / "config.json").exists():
+        return p
+    if (p / "final" / "config.json").exists():
+        return p / "final"
+    raise MMError(f"run.init_from {path} is neither a model folder nor a finished run folder; "
+                  "point it at RUN/final of a pretraining run")

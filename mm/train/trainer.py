@@ -30,7 +30,8 @@ from mm.errors import MMError
 from mm.train import checkpoint as ckpt
 from mm.train.logger import RunLogger
 from mm.train.optim import EMA, lr_at, make_optimizer, set_lr
-from mm.train.setup import make_accelerator, make_loader, make_task, prepare_run_dir, resolve_sources
+from mm.train.setup import (ensure_tokenizer, ensure_vq, make_accelerator, make_loader, make_task,
+                            prepare_run_dir, resolve_sources)
 
 
 @dataclass
@@ -107,6 +108,8 @@ class Trainer:
         seed_everything(cfg.run.seed)  # same on every process: identical initial weights
         self.run_dir = prepare_run_dir(cfg, self.acc)
         self.data_cfg = resolve_sources(cfg, self.acc)
+        self.data_cfg = ensure_vq(self.data_cfg, self.run_dir)
+        self.data_cfg = ensure_tokenizer(self.data_cfg, self.run_dir, self.acc)
         self.task = make_task(self.data_cfg)
         if hasattr(self.task, "setup"):
             self.task.setup(self.run_dir, self.acc)
