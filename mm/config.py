@@ -49,6 +49,10 @@ class ModelConfig:
     freeze_text_encoder: bool = False
     decoder_depth: int | None = None  # TextDecoder blocks (captions, generative VQA)
     dropout: float = 0.0
+    text_heads: int | None = None  # builtin text encoder heads
+    mlp: str = ""  # gelu | swiglu; empty = preset's
+    norm: str = ""  # layernorm | rmsnorm; empty = preset's
+    image_pos: str = ""  # rope2d | learned; empty = preset's
 
 
 @dataclass
