@@ -227,3 +227,49 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_cli_form_b_without_model_folder(tmp_path, capsys):
     assert main(["eval", "vqa", "--model", str(tmp_path / "none"), "--data", str(tmp_path)]) == 2
     assert "mm train configs/vqa/shapes.yaml" in capsys.readouterr().err
+
+
+def test_cli_form_b_reads_shards_and_scores_model_answers(tmp_path, monkeypatch, capsys):
+    import io
+
+    from PIL import Image
+
+    import mm.models
+    from mm.data.shards import ShardWriter
+
+    def png():
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (255, 0, 0)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    data = tmp_path / "shards"
+    with ShardWriter(data, samples_per_shard=1) as w:  # two shards, read in order
+        w.write({"__key__": "000000", "png": png(), "json": {"caption": "x", "qa": [
+            {"question": "what color is the circle?", "answers": ["red"] * 10, "answer_type": "other"},
+            {"question": "how many shapes?", "answers": ["2"] * 9 + ["two"], "answer_type": "number"}]}})
+        w.write({"__key__": "000001", "png": png(), "json": {"caption": "y", "qa": [
+            {"question": "what color is the square?", "answers": ["blue"] * 10, "answer_type": "other"}]}})
+
+    batches = []
+
+    def load_vqa_answerer(model_dir):
+        def answer(images, questions):
+            batches.append(len(images))
+            assert all(im.mode == "RGB" and im.size == (8, 8) for im in images)
+            return ["red" if q.startswith("what color") else "two" for q in questions]
+        return answer
+
+    monkeypatch.setattr(mm.models, "load_vqa_answerer", load_vqa_answerer, raising=False)
+    model = tmp_path / "model"
+    model.mkdir()
+    out = tmp_path / "m.json"
+    rc = main(["eval", "vqa", "--model", str(model), "--data", str(data), "--out", str(out), "--batch-size", "2"])
+    assert rc == 0 and batches == [2, 1]
+    m = json.loads(out.read_text())
+    # red vs 10x red -> 1; "two" vs 9x "2" + "two" -> normalised, 10 matches -> 1; red vs blue -> 0
+    assert m["overall"] == 66.67
+    assert m["perAnswerType"] == {"other": 50.0, "number": 100.0}
+    assert m["perQuestionType"] == {"what color": 50.0, "how many": 100.0}
+    results = json.loads((tmp_path / "m_results.json").read_text())
+    assert results == [{"question_id": 0, "answer": "red"}, {"question_id": 1, "answer": "two"},
+                       {"question_id": 2, "answer": "red"}]
