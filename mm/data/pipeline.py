@@ -329,11 +329,18 @@ class _Stream(torch.utils.data.IterableDataset):
 # The public loader
 
 
+def _one_thread(worker_id: int) -> None:
+    # Workers stack small tensors; letting each use every core only makes them fight the trainer.
+    torch.set_num_threads(1)
+
+
 class Loader:
     """Iterable of batch dicts for one rank; keeps the batch position and the skip counts.
 
     Train mode is endless (``batches_per_epoch`` says where epochs end). Iterating again
     continues where the previous iteration stopped; in eval mode each iteration is a new pass.
+    Never hand it to ``accelerator.prepare``: it already splits by rank, and accelerate's
+    dispatcher would drop batches.
     """
 
     def __init__(self, plan: _Plan, num_workers: int):
@@ -353,12 +360,13 @@ class Loader:
         return self.batches_per_epoch
 
     def __iter__(self):
-        if not self._plan.train:
-            self.batch = self._plan.start_batch
+        if not self._plan.train:  # a new pass: position and counts start again
+            self.batch, self.skipped = self._plan.start_batch, {}
         plan = replace(self._plan, start_batch=self.batch)
         stream = _Stream(plan)
         if self._num_workers > 0:
-            stream = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self._num_workers)
+            stream = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self._num_workers,
+                                                 worker_init_fn=_one_thread)
         for batch in stream:
             for reason, count in batch["skipped"].items():
                 self.skipped[reason] = self.skipped.get(reason, 0) + count
