@@ -46,7 +46,8 @@ def _ngrams(words: list[str], n: int) -> Counter:
 
 def _check(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> None:
     if len(candidates) != len(references):
-        raise MMError(f"{len(candidates)} captions but {len(references)} reference sets; give one set per caption")
+        raise MMError(f"{len(candidates)} captions but {len(references)} reference sets; "
+                      "give one set per caption")
     if not candidates:
         raise MMError("no captions to score")
     for i, refs in enumerate(references):

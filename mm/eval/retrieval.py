@@ -21,23 +21,28 @@ from mm.errors import MMError
 def _as_matrix(sim) -> torch.Tensor:
     sim = torch.as_tensor(sim).detach().float().cpu()
     if sim.dim() != 2 or sim.shape[0] == 0 or sim.shape[1] == 0:
-        raise MMError(f"retrieval needs a non-empty (images, texts) similarity matrix, got shape {tuple(sim.shape)}")
+        raise MMError("retrieval needs a non-empty (images, texts) similarity matrix, "
+                      f"got shape {tuple(sim.shape)}")
     return sim
 
 
 def _positive_mask(img_to_txt: Sequence[Sequence[int]], num_images: int, num_texts: int) -> torch.Tensor:
     if len(img_to_txt) != num_images:
-        raise MMError(f"img_to_txt lists {len(img_to_txt)} images but the similarity matrix has {num_images} rows")
+        raise MMError(f"img_to_txt lists {len(img_to_txt)} images "
+                      f"but the similarity matrix has {num_images} rows")
     pos = torch.zeros(num_images, num_texts, dtype=torch.bool)
     for i, texts in enumerate(img_to_txt):
         for t in texts:
             if not 0 <= int(t) < num_texts:
-                raise MMError(f"image {i} lists text {t}, outside the {num_texts} texts of the similarity matrix")
+                raise MMError(f"image {i} lists text {t}, "
+                              f"outside the {num_texts} texts of the similarity matrix")
             pos[i, int(t)] = True
     if not pos.any(1).all():
-        raise MMError(f"image {int((~pos.any(1)).nonzero()[0])} has no caption; every image needs at least one")
+        first = int((~pos.any(1)).nonzero()[0])
+        raise MMError(f"image {first} has no caption; every image needs at least one")
     if not pos.any(0).all():
-        raise MMError(f"text {int((~pos.any(0)).nonzero()[0])} belongs to no image; every text needs its image")
+        first = int((~pos.any(0)).nonzero()[0])
+        raise MMError(f"text {first} belongs to no image; every text needs its image")
     return pos
 
 

@@ -157,16 +157,19 @@ def _percent(values: list[float]) -> float:
 def _check_annotations(annotations: dict) -> list[dict]:
     anns = annotations.get("annotations") if isinstance(annotations, dict) else None
     if not isinstance(anns, list) or not anns:
-        raise MMError('annotations must be the official VQA JSON {"annotations": [...]} with at least one question')
+        raise MMError('annotations must be the official VQA JSON {"annotations": [...]} '
+                      "with at least one question")
     seen = set()
     for ann in anns:
         missing = [k for k in ("question_id", "question_type", "answer_type", "answers")
                    if not isinstance(ann, dict) or k not in ann]
         if missing:
             qid = ann.get("question_id", "?") if isinstance(ann, dict) else "?"
-            raise MMError(f"annotation for question {qid} lacks {', '.join(missing)}; use the official VQAv2 annotation format")
+            raise MMError(f"annotation for question {qid} lacks {', '.join(missing)}; "
+                          "use the official VQAv2 annotation format")
         if ann["question_id"] in seen:
-            raise MMError(f"question {ann['question_id']} is annotated twice; each question id must appear once")
+            raise MMError(f"question {ann['question_id']} is annotated twice; "
+                          "each question id must appear once")
         seen.add(ann["question_id"])
         answers = ann["answers"]
         if not answers or not all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in answers):
@@ -200,7 +203,8 @@ def _check_questions(questions, annotated: set) -> None:
         return
     qs = questions.get("questions") if isinstance(questions, dict) else None
     if not isinstance(qs, list):
-        raise MMError('questions must be the official VQA JSON {"questions": [{"question_id", "image_id", "question"}]}')
+        raise MMError('questions must be the official VQA JSON '
+                      '{"questions": [{"question_id", "image_id", "question"}]}')
     known = {q.get("question_id") for q in qs if isinstance(q, dict)}
     unknown = annotated - known
     if unknown:
@@ -276,7 +280,8 @@ def vqa_files_from_samples(samples) -> tuple[dict, dict, list]:
             "answer_type": qa.get("answer_type", "other"),
             "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
                         for i, a in enumerate(qa["answers"])],
-            "multiple_choice_answer": qa.get("multiple_choice_answer", qa["answers"][0] if qa["answers"] else ""),
+            "multiple_choice_answer": qa.get("multiple_choice_answer",
+                                             qa["answers"][0] if qa["answers"] else ""),
         })
     return {"annotations": anns}, {"questions": qs}, [q["question_id"] for q in qs]
 
@@ -290,7 +295,8 @@ def results_from_model(args: argparse.Namespace) -> tuple[list, dict, dict]:
     """
     model_dir = Path(args.model)
     if not model_dir.is_dir():
-        raise MMError("evaluating a model folder needs a VQA model: train one with mm train configs/vqa/shapes.yaml")
+        raise MMError("evaluating a model folder needs a VQA model: "
+                      "train one with mm train configs/vqa/shapes.yaml")
     if not getattr(args, "data", None):
         raise MMError("--model needs --data SHARDS with VQA questions (e.g. the shapes val split)")
     import io
@@ -353,7 +359,8 @@ def cli_eval_vqa(args: argparse.Namespace) -> int:
     """``mm eval vqa``: (a) official results + annotations + questions files, or (b) a model."""
     if getattr(args, "model", None):
         if getattr(args, "predictions", None):
-            raise MMError("give either --predictions (score a results file) or --model (answer with a model), not both")
+            raise MMError("give either --predictions (score a results file) "
+                          "or --model (answer with a model), not both")
         results, annotations, questions = results_from_model(args)
         if args.out:  # the results file of form (b), beside the metrics
             res_path = Path(args.out).with_name(Path(args.out).stem + "_results.json")
@@ -362,7 +369,8 @@ def cli_eval_vqa(args: argparse.Namespace) -> int:
             print(f"results: {res_path}")
     else:
         if not args.predictions:
-            raise MMError("mm eval vqa needs --predictions RES.json --annotations ANN.json --questions QUES.json, or --model DIR --data SHARDS")
+            raise MMError("mm eval vqa needs --predictions RES.json --annotations ANN.json "
+                          "--questions QUES.json, or --model DIR --data SHARDS")
         results = _load_json(args.predictions, "results", "--predictions")
         annotations = _load_json(args.annotations, "annotations", "--annotations")
         questions = _load_json(args.questions, "questions", "--questions")

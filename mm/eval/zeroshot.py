@@ -79,7 +79,8 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, epochs: int
     """
     x_tr = torch.as_tensor(train_feats).detach().float()
     x_te = torch.as_tensor(test_feats).detach().float()
-    if x_tr.dim() != 2 or x_te.dim() != 2 or x_tr.shape[1] != x_te.shape[1] or len(x_tr) == 0 or len(x_te) == 0:
+    if (x_tr.dim() != 2 or x_te.dim() != 2 or x_tr.shape[1] != x_te.shape[1]
+            or len(x_tr) == 0 or len(x_te) == 0):
         raise MMError(f"linear probe needs non-empty (N, D) train and test features with the same D, "
                       f"got {tuple(x_tr.shape)} and {tuple(x_te.shape)}")
     y_tr = torch.as_tensor(train_labels).long().reshape(-1)

@@ -138,9 +138,11 @@ def official_files():
         (4, "what color is the", "other", refs(("red", 5), ("blue", 5)), "green"),
     ]
     anns = [{"question_id": q, "image_id": 10 + q, "question_type": qt, "answer_type": at,
-             "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(gts)],
+             "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                         for i, a in enumerate(gts)],
              "multiple_choice_answer": gts[-1]} for q, qt, at, gts, _ in spec]
-    questions = {"questions": [{"question_id": q, "image_id": 10 + q, "question": f"q{q}?"} for q, *_ in spec]}
+    questions = {"questions": [{"question_id": q, "image_id": 10 + q, "question": f"q{q}?"}
+                               for q, *_ in spec]}
     results = [{"question_id": q, "answer": pred} for q, *_, pred in spec]
     return results, {"annotations": anns}, questions
 
@@ -213,7 +215,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "res.json").write_text(json.dumps(results[:2]))
     (tmp_path / "ann.json").write_text(json.dumps(anns))
     (tmp_path / "ques.json").write_text("{not json")
-    base = ["eval", "vqa", "--predictions", str(tmp_path / "res.json"), "--annotations", str(tmp_path / "ann.json")]
+    base = ["eval", "vqa", "--predictions", str(tmp_path / "res.json"),
+            "--annotations", str(tmp_path / "ann.json")]
     assert main(base + ["--questions", str(tmp_path / "nope.json")]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(base + ["--questions", str(tmp_path / "ques.json")]) == 2
@@ -263,7 +266,8 @@ def test_cli_form_b_reads_shards_and_scores_model_answers(tmp_path, monkeypatch,
     model = tmp_path / "model"
     model.mkdir()
     out = tmp_path / "m.json"
-    rc = main(["eval", "vqa", "--model", str(model), "--data", str(data), "--out", str(out), "--batch-size", "2"])
+    rc = main(["eval", "vqa", "--model", str(model), "--data", str(data), "--out", str(out),
+               "--batch-size", "2"])
     assert rc == 0 and batches == [2, 1]
     m = json.loads(out.read_text())
     # red vs 10x red -> 1; "two" vs 9x "2" + "two" -> normalised, 10 matches -> 1; red vs blue -> 0
