@@ -1,0 +1,198 @@
+"""The four pretraining objectives as functions of an MMModel and a batch.
+
+    itc_loss       image embedding (backbone + null context, pooled) vs text embedding (encoder,
+                   pooled); InfoNCE both ways over the GLOBAL batch (features gathered with grad)
+    itm_loss       fused states (backbone + text) -> match / no match; one hard negative text per
+                   image and one hard negative image per text, sampled ∝ softmax(ITC similarity)
+    caption_loss   TextDecoder next-token cross-entropy over the caption, padding ignored
+    t2i_loss       next-code cross-entropy over the VQ grid in raster order; each sample's text is
+                   replaced by the null context with probability p (classifier-free guidance)
+
+Distributed: when torch.distributed is initialised, ITC gathers the embeddings of every rank with
+``torch.distributed.nn.functional.all_gather`` (its backward sends each rank the gradient of its
+own features), so the loss and gradients on W ranks equal those of one process on the W batches
+concatenated. Every process must call these functions in the same order (they hold collectives).
+Randomness (hard negatives, CFG dropout) uses torch's global RNG, which the trainer checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """(B, ...) on each rank -> (W*B, ...) in rank order; gradients flow back to each owner."""
+    _, size = world()
+    if size == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad(x: Tensor) -> Tensor:
+    """(B, ...) on each rank -> (W*B, ...) in rank order, as constants."""
+    _, size = world()
+    if size == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def pad_to(x: Tensor, length: int, value=0) -> Tensor:
+    """Right-pad dim 1 of (B, L, ...) to ``length`` so every rank gathers the same shape."""
+    if x.shape[1] >= length:
+        return x
+    pad = [0, 0] * (x.dim() - 2) + [0, length - x.shape[1]]
+    return F.pad(x, pad, value=value)
+
+
+# ---------------------------------------------------------------------------------------------
+# ITC
+
+
+def itc_logits(img: Tensor, txt: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Local unit embeddings (B, E) -> (logits_i2t (B, G), logits_t2i (B, G), targets (B,)).
+
+    Row i of the local batch is sample ``rank*B + i`` of the global batch of G = W*B samples.
+    """
+    rank, _ = world()
+    img_all, txt_all = gather_with_grad(img), gather_with_grad(txt)  # (G, E) each
+    logits_i2t = scale * img @ txt_all.t()  # (B, G)
+    logits_t2i = scale * txt @ img_all.t()  # (B, G)
+    targets = rank * img.shape[0] + torch.arange(img.shape[0], device=img.device)
+    return logits_i2t, logits_t2i, targets
+
+
+def itc_loss(img: Tensor, txt: Tensor, scale: Tensor) -> tuple[Tensor, dict[str, float], Tensor, Tensor]:
+    """InfoNCE both ways: (CE(image -> its text) + CE(text -> its image)) / 2, mean over local rows.
+
+    Returns (loss, metrics, logits_i2t, logits_t2i); the logits feed hard-negative sampling.
+    """
+    logits_i2t, logits_t2i, targets = itc_logits(img.float(), txt.float(), scale.float())
+    loss = 0.5 * (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets))
+    with torch.no_grad():
+        acc = 0.5 * ((logits_i2t.argmax(1) == targets).float().mean() + (logits_t2i.argmax(1) == targets).float().mean())
+    return loss, {"itc_acc": float(acc)}, logits_i2t, logits_t2i
+
+
+# ---------------------------------------------------------------------------------------------
+# ITM
+
+
+def same_text(ids: Tensor, mask: Tensor, ids_all: Tensor, mask_all: Tensor) -> Tensor:
+    """(B, G) bool: local caption i and global caption j are identical token sequences.
+
+    Includes each row's own positive. Token equality is what the model sees, so two captions that
+    only differ after truncation count as identical too.
+    """
+    a = ids.masked_fill(~mask.bool(), -1)  # padding never makes two texts differ
+    b = ids_all.masked_fill(~mask_all.bool(), -1)
+    length = max(a.shape[1], b.shape[1])
+    a, b = pad_to(a, length, -1), pad_to(b, length, -1)
+    return (a[:, None, :] == b[None, :, :]).all(-1)  # (B, G)
+
+
+@torch.no_grad()
+def sample_negatives(logits: Tensor, excluded: Tensor, hard: bool = True) -> Tensor:
+    """One negative column per row: P(j) ∝ softmax(logits[i])_j over the columns not excluded.
+
+    logits (B, G) ITC logits (already scaled by the temperature); excluded (B, G) bool (the
+    positive and identical captions). ``hard=False`` samples uniformly among allowed columns.
+    Returns (B,) long column indices, -1 for rows where every column is excluded.
+    """
+    scores = logits.float() if hard else torch.zeros_like(logits, dtype=torch.float)
+    scores = scores.masked_fill(excluded, float("-inf"))
+    ok = ~excluded.all(1)  # (B,)
+    probs = torch.softmax(scores.masked_fill(~ok[:, None], 0.0), dim=1)  # renormalised over allowed
+    idx = torch.multinomial(probs, 1).squeeze(1)  # (B,)
+    return torch.where(ok, idx, torch.full_like(idx, -1))
+
+
+def itm_loss(model, images: Tensor, text_states: Tensor, text_mask: Tensor, ids: Tensor, mask: Tensor,
+             logits_i2t: Tensor, logits_t2i: Tensor, hard: bool = True) -> tuple[Tensor, dict[str, float]]:
+    """Binary match loss on B positives, B (image, negative text) and B (negative image, text) pairs.
+
+    images (B, C, H, W); text_states (B, L, D) and text_mask (B, L) from the encoder (local rows);
+    ids/mask (B, L) token ids (for identical-caption exclusion); logits_* (B, G) from ITC.
+    """
+    length = ids.shape[1]
+    states_all = gather_with_grad(pad_to(text_states, length))  # (G, L, D)
+    tmask_all = gather_no_grad(pad_to(text_mask, length, False))  # (G, L)
+    ids_all, mask_all = gather_no_grad(ids), gather_no_grad(mask.bool())  # (G, L)
+    images_all = gather_no_grad(images)  # (G, C, H, W) pixels are constants; patches recomputed here
+
+    excluded = same_text(ids, mask, ids_all, mask_all)  # (B, G); identical captions are not negatives
+    neg_txt = sample_negatives(logits_i2t, excluded, hard)  # (B,) a text for each image
+    neg_img = sample_negatives(logits_t2i, excluded, hard)  # (B,) an image for each text
+    has_t, has_i = neg_txt >= 0, neg_img >= 0
+
+    pair_images = torch.cat([images, images[has_t], images_all[neg_img[has_i]]])
+    pair_states = torch.cat([text_states, states_all[neg_txt[has_t]], text_states[has_i]])
+    pair_mask = torch.cat([text_mask, tmask_all[neg_txt[has_t]], text_mask[has_i]])
+    labels = torch.zeros(len(pair_images), dtype=torch.long, device=images.device)
+    labels[: images.shape[0]] = 1  # class 1 = match
+
+    logits = model.itm_logits(model.fuse(pair_images, pair_states, pair_mask)).float()  # (P, 2)
+    loss = F.cross_entropy(logits, labels)
+    acc = (logits.argmax(1) == labels).float().mean()
+    return loss, {"itm_acc": float(acc)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Captioning and text-to-image
+
+
+def caption_loss(model, image_states: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """Next-token cross-entropy of the caption given the image states; pad targets are ignored."""
+    logits = model.caption_logits(image_states, ids, mask).float()  # (B, L, V)
+    targets = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), -100)  # (B, L-1)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    return loss, {}
+
+
+def cfg_drop(model, text_states: Tensor, text_mask: Tensor, p: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Replace each sample's text by the null context with probability p (torch's global RNG).
+
+    Returns (states, mask, dropped (B,) bool). The draw happens even when p is 0 or 1, so the
+    RNG stream does not depend on p.
+    """
+    b, length = text_mask.shape
+    dropped = torch.rand(b, device=text_states.device) < p  # (B,)
+    n = model.config.null_context_len
+    if length < n:  # the null context must fit beside the text
+        text_states, text_mask = pad_to(text_states, n), pad_to(text_mask, n, False)
+        length = n
+    null_states, null_mask = model.null_context(b, length)  # (B, L, D), (B, L)
+    states = torch.where(dropped[:, None, None], null_states.to(text_states.dtype), text_states)
+    mask = torch.where(dropped[:, None], null_mask, text_mask.bool())
+    return states, mask, dropped
+
+
+def t2i_loss(model, codes: Tensor, text_states: Tensor | None, text_mask: Tensor | None
+             ) -> tuple[Tensor, dict[str, float], Tensor]:
+    """Cross-entropy of every code given the text and the codes before it in raster order.
+
+    codes (B, h, w) long. Returns (loss, {"t2i_acc"}, per-position correct (B, N) bool).
+    """
+    logits = model.t2i_logits(codes, text_states, text_mask).float()  # (B, N, K)
+    targets = codes.flatten(1)  # (B, N)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    correct = logits.argmax(-1) == targets
+    return loss, {"t2i_acc": float(correct.float().mean())}, correct

@@ -1,0 +1,300 @@
+"""Multi-task pretraining of MMModel: ITC, ITM with hard negatives, captioning LM, text-to-image.
+
+The trainer (mm.train) builds ``PretrainTask(cfg)`` with resolved shard folders, a tokenizer
+folder (``data.tokenizer``) and a trained VQ folder (``vq.path``), then calls ``loss`` each
+micro-step. The objectives themselves are in mm.tasks.objectives. Weights come from
+``cfg.objectives`` (0 switches an objective off: it is then not computed at all). Mixing:
+
+    all     every active objective each step, loss = Σ weight · loss
+    sample  one objective per step drawn with ``objectives.ratios`` (order itc, itm, caption, t2i)
+            from a generator seeded by (run.seed, step): the same on every rank and after resume
+
+The frozen VQ tokenizer is NOT part of ``task.model`` (it is neither trained nor checkpointed);
+it is loaded on first use and moved to the batch's device. Batches with pre-extracted
+``codes`` never touch it.
+
+Exported folder (the contract for generation and VQA; read it with mm.models.bundle.load_bundle):
+
+    config.json  model.safetensors  tokenizer/  vq/
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mm.config import Config
+from mm.errors import MMError
+from mm.models.presets import model_from_config
+from mm.nn.layers import Block
+from mm.tasks import objectives as obj
+
+OBJECTIVES = ("itc", "itm", "caption", "t2i")
+
+
+def _vq_facts(vq_path: str, image_size: int) -> tuple[int, list[int]]:
+    """(codebook size, code grid) of a VQ folder for images of ``image_size``."""
+    path = Path(vq_path) / "config.json"
+    if not path.is_file():
+        raise MMError(f"vq.path {vq_path} is not a VQ tokenizer folder (no config.json); train one with "
+                      "`mm train configs/vq/shapes.yaml` or leave vq.path empty and set vq.config")
+    vq = json.loads(path.read_text())
+    if image_size % vq["downsample"]:
+        raise MMError(f"data.image_size {image_size} is not divisible by the VQ downsample {vq['downsample']}")
+    side = image_size // vq["downsample"]
+    return int(vq["codebook_size"]), [side, side]
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """torch.compile every Transformer block in place (state-dict keys unchanged); returns the count."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for blk in blocks:
+        blk.compile()
+    return len(blocks)
+
+
+class PretrainTask:
+    data_mode = "caption"
+
+    def __init__(self, cfg: Config):
+        from mm.data.tokenizer import load_tokenizer
+
+        if not cfg.data.tokenizer:
+            raise MMError("pretraining needs a tokenizer folder in data.tokenizer (run it through `mm train`, "
+                          "which trains one, or pass data.tokenizer=DIR)")
+        if not cfg.vq.path:
+            raise MMError("pretraining needs a trained VQ tokenizer in vq.path (run it through `mm train` with "
+                          "vq.config set, or pass vq.path=DIR)")
+        self.cfg = cfg
+        self.weights = {n: float(getattr(cfg.objectives, n)) for n in OBJECTIVES}
+        if any(w < 0 for w in self.weights.values()) or not any(self.weights.values()):
+            raise MMError(f"objective weights {self.weights} must be >= 0 with at least one > 0")
+        self.active = [n for n in OBJECTIVES if self.weights[n] > 0]
+        self.ratios = self._ratios(cfg)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.vq_path = Path(cfg.vq.path)
+        codebook, grid = _vq_facts(cfg.vq.path, cfg.data.image_size)
+        self.model = model_from_config(cfg.model, self.tokenizer.vocab_size, codebook, grid,
+                                       cfg.data.image_size, cfg.data.text_max_len)
+        if cfg.train.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        if cfg.train.compile:
+            compile_blocks(self.model)
+        self._vq = None  # frozen, loaded lazily, never part of self.model
+
+    def _ratios(self, cfg: Config) -> list[float]:
+        if cfg.objectives.mixing != "sample":
+            return []
+        ratios = list(cfg.objectives.ratios) or [1.0] * len(OBJECTIVES)
+        if len(ratios) != len(OBJECTIVES) or any(r < 0 for r in ratios):
+            raise MMError(f"objectives.ratios is {ratios}; give 4 non-negative numbers (itc, itm, caption, t2i)")
+        ratios = [r if self.weights[n] > 0 else 0.0 for n, r in zip(OBJECTIVES, ratios)]
+        if sum(ratios) <= 0:
+            raise MMError("objectives.ratios gives no chance to any objective with a weight > 0; raise one")
+        return ratios
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def objectives_at(self, step: int) -> list[str]:
+        """The objectives trained at ``step``: all active ones, or one drawn for (run.seed, step)."""
+        if self.cfg.objectives.mixing == "all":
+            return list(self.active)
+        g = torch.Generator().manual_seed((self.cfg.run.seed * 1_000_003 + step) % (2**62))
+        i = int(torch.multinomial(torch.tensor(self.ratios), 1, generator=g))
+        return [OBJECTIVES[i]]
+
+    def vq(self, device: torch.device):
+        if self._vq is None:
+            from mm.models.vq import VQTokenizer
+
+            self._vq = VQTokenizer.from_pretrained(self.vq_path).eval().requires_grad_(False)
+        return self._vq.to(device)
+
+    @torch.no_grad()
+    def codes(self, batch: dict) -> torch.Tensor:
+        """(B, h, w) codes: pre-extracted from the shards, else encoded by the frozen VQ (fp32)."""
+        if "codes" in batch:
+            return batch["codes"].long()
+        images = batch["image"]
+        with torch.autocast(images.device.type, enabled=False):
+            return self.vq(images.device).encode(images.float())
+
+    # -- trainer hooks --------------------------------------------------------------------------
+
+    def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        todo = self.objectives_at(step)
+        m = self.model
+        images, ids = batch["image"], batch["input_ids"]
+        mask = batch["attention_mask"].bool()
+        losses, metrics = {}, {}
+        text_states = text_mask = None
+        if {"itc", "itm", "t2i"} & set(todo):
+            text_states, text_mask = m.encode_text(ids, mask)  # (B, L, D), (B, L)
+
+        image_states = None  # backbone with the null context: ITC's image side and the caption memory
+        if "itc" in todo or "caption" in todo:
+            image_states = m.image_states(images)  # (B, Li, D)
+        if "itc" in todo or ("itm" in todo and self.cfg.objectives.hard_negatives):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and "itc" in todo):
+                states = image_states if image_states is not None else m.image_states(images)
+                img, txt = m.pool_image(states), m.pool_text(text_states, text_mask)  # (B, E) each
+                l_itc, mt, logits_i2t, logits_t2i = obj.itc_loss(img, txt, m.itc_logit_scale())
+            if "itc" in todo:
+                losses["itc"] = l_itc
+                metrics.update(mt)
+        if "itm" in todo:
+            if not self.cfg.objectives.hard_negatives:  # uniform negatives: no similarities needed
+                _, size = obj.world()
+                logits_i2t = logits_t2i = images.new_zeros(images.shape[0], images.shape[0] * size)
+            losses["itm"], mt = obj.itm_loss(m, images, text_states, text_mask, ids, mask, logits_i2t.detach(),
+                                             logits_t2i.detach(), self.cfg.objectives.hard_negatives)
+            metrics.update(mt)
+        if "caption" in todo:
+            losses["caption"], _ = obj.caption_loss(m, image_states, ids, mask)
+        if "t2i" in todo:
+            states, cmask, dropped = obj.cfg_drop(m, text_states, text_mask, self.cfg.objectives.cfg_dropout)
+            losses["t2i"], mt, _ = obj.t2i_loss(m, self.codes(batch), states, cmask)
+            metrics.update(mt)
+        total = sum(self.weights[n] * losses[n] for n in losses)
+        metrics.update({f"loss_{n}": float(v.detach()) for n, v in losses.items()})
+        return total, metrics
+
+    @torch.no_grad()
+    def validate(self, batches) -> dict[str, float]:
+        """Retrieval R@1/5/10 (ITC) on the val set, caption loss, T2I loss and code accuracy."""
+        m = self.model
+        img_emb, txt_emb, captions = [], [], []
+        cap_sum = cap_n = t2i_sum = t2i_correct = t2i_n = 0.0
+        for batch in batches:
+            images, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"].bool()
+            image_states = m.image_states(images) if {"itc", "caption"} & set(self.active) else None
+            if "itc" in self.active:
+                img_emb.append(m.pool_image(image_states).float().cpu())
+                txt_emb.append(m.text_embedding(ids, mask).float().cpu())
+                captions += list(batch["caption"])
+            if "caption" in self.active:
+                loss, _ = obj.caption_loss(m, image_states, ids, mask)
+                n = float(mask[:, 1:].sum())
+                cap_sum, cap_n = cap_sum + float(loss) * n, cap_n + n
+            if "t2i" in self.active:
+                states, tmask = m.encode_text(ids, mask)
+                loss, _, correct = obj.t2i_loss(m, self.codes(batch), states, tmask)
+                t2i_sum += float(loss) * correct.numel()
+                t2i_correct += float(correct.sum())
+                t2i_n += correct.numel()
+        out = {}
+        if img_emb:
+            out.update(retrieval_metrics(torch.cat(img_emb) @ torch.cat(txt_emb).t(), captions))
+        if cap_n:
+            out["caption_loss"] = cap_sum / cap_n
+        if t2i_n:
+            out.update(t2i_loss=t2i_sum / t2i_n, t2i_acc=t2i_correct / t2i_n)
+        return out
+
+    @torch.no_grad()
+    def images(self, batch: dict, max_images: int = 8) -> dict[str, Image.Image]:
+        """Text-to-image samples for the first captions of a batch (top: real, bottom: generated)."""
+        if "t2i" not in self.active:
+            return {}
+        m = self.model
+        images = batch["image"][:max_images]
+        states, mask = m.encode_text(batch["input_ids"][:max_images], batch["attention_mask"][:max_images].bool())
+        from mm.generation.sampler import SamplingParams, sample_codes, seeds_tensor
+
+        seeds = seeds_tensor(0, images.shape[0], images.device)  # fixed seeds: comparable across evaluations
+        codes = sample_codes(m, (states, mask), seeds, SamplingParams(guidance_scale=3.0))
+        vq = self.vq(images.device)
+        with torch.autocast(images.device.type, enabled=False):
+            fake = vq.decode(codes).float().clamp(-1, 1)
+        return {"t2i_samples": image_grid([images, fake])}
+
+    def export(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        self.model.save_pretrained(out)
+        self.tokenizer.save(out / "tokenizer")
+        if (out / "vq").resolve() != self.vq_path.resolve():
+            shutil.copytree(self.vq_path, out / "vq", dirs_exist_ok=True)
+
+    @classmethod
+    def for_export(cls, cfg: Config, run_dir: str | Path) -> "PretrainTask":
+        """The task of a saved run config: tokenizer and VQ resolved the way the trainer did it."""
+        cfg, run_dir = copy.deepcopy(cfg), Path(run_dir)
+        if not cfg.vq.path:
+            cfg.vq.path = str(run_dir / "vq" / "final")
+        if not cfg.data.tokenizer:
+            cfg.data.tokenizer = cfg.model.text_encoder if cfg.model.text_encoder != "builtin" \
+                else str(run_dir / "tokenizer")
+        cfg.train.compile = False
+        return cls(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared with the evaluation commands
+
+
+def unique_captions(captions: list[str]) -> tuple[list[str], list[int]]:
+    """Distinct captions in first-seen order and, per sample, the index of its caption."""
+    index: dict[str, int] = {}
+    of_sample = [index.setdefault(c.strip(), len(index)) for c in captions]
+    return list(index), of_sample
+
+
+def retrieval_metrics(sim: torch.Tensor, captions: list[str], sim_t2i: torch.Tensor | None = None) -> dict:
+    """R@1/5/10 both ways and RSUM for an (images, samples) similarity matrix.
+
+    Samples with identical captions are one text (shapes captions repeat): text columns are
+    merged by caption (their similarities are identical anyway) and each image's positive is
+    its caption; a text's positives are all images with that caption.
+    """
+    from mm.eval.retrieval import recall_at_k
+
+    texts, of_sample = unique_captions(captions)
+    first = [of_sample.index(t) for t in range(len(texts))]  # a sample column per distinct text
+    sim = sim[:, first]
+    sim_t2i = sim_t2i[:, first] if sim_t2i is not None else None
+    return recall_at_k(sim, [[t] for t in of_sample], sim_t2i=sim_t2i)
+
+
+def image_grid(rows: list[torch.Tensor], scale: int | None = None) -> Image.Image:
+    """Rows of (B, 3, H, W) images in [-1, 1] pasted into one PIL grid (small images upscaled)."""
+    h, w = rows[0].shape[-2:]
+    scale = scale or max(1, 64 // max(h, w))
+    cols, pad = max(r.shape[0] for r in rows), 2
+    grid = Image.new("RGB", (cols * (w * scale + pad) + pad, len(rows) * (h * scale + pad) + pad), (255, 255, 255))
+    for r, row in enumerate(rows):
+        arr = ((row.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        for c, a in enumerate(arr):
+            img = Image.fromarray(a, "RGB").resize((w * scale, h * scale), Image.Resampling.NEAREST)
+            grid.paste(img, (pad + c * (w * scale + pad), pad + r * (h * scale + pad)))
+    return grid
+
+
+@torch.no_grad()
+def greedy_captions(model, tokenizer, images: torch.Tensor, max_len: int | None = None) -> list[str]:
+    """Greedy captions of (B, 3, H, W) images: BOS, then argmax tokens until EOS (KV-cached)."""
+    max_len = max_len or model.config.text_max_len
+    image_states = model.image_states(images)  # (B, Li, D), null context
+    b = images.shape[0]
+    ids = torch.full((b, 1), tokenizer.bos_id, dtype=torch.long, device=images.device)
+    logits, state = model.caption_prefill(image_states, ids, max_len=max_len)
+    tokens, done = [], torch.zeros(b, dtype=torch.bool, device=images.device)
+    for n in range(max_len - 1):
+        nxt = logits.float().argmax(-1).masked_fill(done, tokenizer.eos_id)  # (B,)
+        tokens.append(nxt)
+        done |= nxt == tokenizer.eos_id
+        if bool(done.all()) or n + 2 >= max_len:
+            break
+        logits = model.caption_step(nxt, state)
+    seqs = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(b)]
+    out = []
+    for seq in seqs:
+        seq = seq[: seq.index(tokenizer.eos_id)] if tokenizer.eos_id in seq else seq
+        out.append(tokenizer.decode(seq).strip())
+    return out
