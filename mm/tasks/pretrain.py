@@ -298,3 +298,115 @@ def greedy_captions(model, tokenizer, images: torch.Tensor, max_len: int | None 
         seq = seq[: seq.index(tokenizer.eos_id)] if tokenizer.eos_id in seq else seq
         out.append(tokenizer.decode(seq).strip())
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# `mm eval retrieval` and `mm eval caption`
+
+
+def _eval_setup(args: argparse.Namespace):
+    """(model, tokenizer, vq, device, loader over --data in one ordered pass) for an eval command."""
+    from mm.data.pipeline import make_loader
+    from mm.data.tokenizer import load_tokenizer
+    from mm.models.bundle import load_bundle
+
+    for name in ("max_samples", "batch_size"):
+        if getattr(args, name, 1) < 1:
+            raise MMError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok_dir, vq = load_bundle(args.model, device)
+    tokenizer = load_tokenizer(tok_dir)
+    loader = make_loader([args.data], batch_size=getattr(args, "batch_size", 64), seed=0, train=False,
+                         image_size=model.config.image_size, tokenizer=tokenizer,
+                         text_max_len=model.config.text_max_len, mode="caption")
+    return model, tokenizer, vq, device, loader
+
+
+def _take(loader, max_samples: int, device):
+    """Batches moved to ``device``, cut so that at most ``max_samples`` samples are yielded."""
+    seen = 0
+    for batch in loader:
+        if seen >= max_samples:
+            return
+        n = min(len(batch["caption"]), max_samples - seen)
+        seen += n
+        yield {k: (v[:n].to(device) if torch.is_tensor(v) else v[:n]) for k, v in batch.items() if k != "skipped"}
+
+
+def _write(metrics: dict, out: str) -> None:
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+
+
+@torch.no_grad()
+def cli_eval_retrieval(args: argparse.Namespace) -> int:
+    """Image→text and text→image R@1/5/10 and RSUM: ITC ranking, then ITM re-ranking of the top-k.
+
+    Samples with identical captions share one text (see ``retrieval_metrics``).
+    """
+    from mm.eval.retrieval import recall_at_k, rerank_topk
+
+    model, _, _, device, loader = _eval_setup(args)
+    images, img_emb, txt_emb, ids, masks, captions = [], [], [], [], [], []
+    for batch in _take(loader, args.max_samples, device):
+        images.append(((batch["image"] + 1) * 127.5).round().byte().cpu())  # uint8: exact for 8-bit images
+        img_emb.append(model.image_embedding(batch["image"]).float().cpu())
+        txt_emb.append(model.text_embedding(batch["input_ids"], batch["attention_mask"]).float().cpu())
+        ids.append(batch["input_ids"].cpu())
+        masks.append(batch["attention_mask"].cpu())
+        captions += list(batch["caption"])
+    if not captions:
+        raise MMError(f"no samples with a caption in {args.data}; check it with `mm data inspect`")
+    images, ids, masks = torch.cat(images), torch.cat(ids), torch.cat(masks)
+    texts, of_sample = unique_captions(captions)
+    first = torch.tensor([of_sample.index(t) for t in range(len(texts))])  # one sample per distinct text
+    sim = torch.cat(img_emb) @ torch.cat(txt_emb)[first].t()  # (Ni, Nt)
+
+    def itm_score(pairs: torch.Tensor) -> torch.Tensor:  # (P, 2) (image, text) -> (P,) match margin
+        x = images[pairs[:, 0]].to(device).float().div(127.5).sub(1.0)
+        t = first[pairs[:, 1]]
+        states, mask = model.encode_text(ids[t].to(device), masks[t].to(device))
+        logits = model.itm_logits(model.fuse(x, states, mask)).float()
+        return logits[:, 1] - logits[:, 0]
+
+    positives = [[t] for t in of_sample]
+    metrics = {f"itc_{k}": v for k, v in recall_at_k(sim, positives).items()}
+    if args.k > 0:
+        sim_i2t, sim_t2i = rerank_topk(sim, args.k, itm_score, args.batch_size)
+        metrics.update(recall_at_k(sim_i2t, positives, sim_t2i=sim_t2i))
+    else:
+        metrics.update({k[4:]: v for k, v in metrics.items()})
+    metrics.update(images=len(captions), texts=len(texts), k=args.k)
+    _write(metrics, args.out)
+    return 0
+
+
+@torch.no_grad()
+def cli_eval_caption(args: argparse.Namespace) -> int:
+    """BLEU-4 and CIDEr-D of greedy captions against each sample's reference captions.
+
+    References are ``meta["captions"]`` when the shards have several per image, else the caption.
+    """
+    from mm.eval.captioning import caption_metrics
+
+    args.batch_size = getattr(args, "batch_size", 64)
+    model, tokenizer, _, device, loader = _eval_setup(args)
+    candidates, references, examples = [], [], []
+    for batch in _take(loader, args.max_samples, device):
+        generated = greedy_captions(model, tokenizer, batch["image"])
+        for gen, cap, meta in zip(generated, batch["caption"], batch["meta"]):
+            refs = meta.get("captions") if isinstance(meta, dict) else None
+            refs = [r for r in refs if isinstance(r, str)] if isinstance(refs, list) else []
+            candidates.append(gen)
+            references.append(refs or [cap])
+            if len(examples) < 5:
+                examples.append({"generated": gen, "reference": cap})
+    if not candidates:
+        raise MMError(f"no samples with a caption in {args.data}; check it with `mm data inspect`")
+    scores = caption_metrics(candidates, references)
+    _write({"bleu4": scores["bleu4"], "cider_d": scores["cider"], **scores, "samples": len(candidates),
+            "examples": examples}, args.out)
+    return 0
