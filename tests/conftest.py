@@ -16,3 +16,19 @@ def _seed():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def shapes_shards(tmp_path_factory):
+    """A small built-in shapes set, written once per session by `mm data shapes`.
+
+    Returns the root Path holding train/ (64 samples, 4 shards), val/ and test/ (32 samples,
+    2 shards each) of 32 px samples with sizes.json, and prompts.json (held-out T2I prompts).
+    """
+    from mm.cli import main
+
+    root = tmp_path_factory.mktemp("shapes")
+    code = main(["data", "shapes", "--out", str(root), "--num-samples", "64", "--val-samples", "32",
+                 "--image-size", "32", "--seed", "0", "--samples-per-shard", "16"])
+    assert code == 0
+    return root

@@ -117,6 +117,7 @@ def detect(image, min_area: int | None = None, min_chroma: int = MIN_CHROMA) -> 
         min_area = max(3, int(0.2 * sizes["small"] ** 2))
     size_cut = (sizes["small"] + sizes["large"]) / 2
     labels = colour_labels(rgb, min_chroma)
+    chroma = rgb.max(axis=2) - rgb.min(axis=2)
     names = list(COLORS)
     found = []
     for k, name in enumerate(names):
@@ -124,6 +125,10 @@ def detect(image, min_area: int | None = None, min_chroma: int = MIN_CHROMA) -> 
         if not mask.any():
             continue
         for pix in connected_components(mask):
+            # Blur leaves a faint halo of the object's colour around it: keep the pixels at
+            # least half as chromatic as the object's core (a no-op on crisp images).
+            c = chroma[pix[:, 0], pix[:, 1]]
+            pix = pix[c >= 0.5 * np.percentile(c, 90)]
             if len(pix) < min_area:
                 continue
             y0, x0 = pix.min(axis=0)
@@ -136,7 +141,7 @@ def detect(image, min_area: int | None = None, min_chroma: int = MIN_CHROMA) -> 
                 "size": "large" if max(x1 - x0, y1 - y0) >= size_cut else "small",
                 "bbox": [int(x0), int(y0), int(x1), int(y1)],
                 "cell": cell_of((x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2, width, height),
-                "area": int(len(pix)), "score": round(score, 4),
+                "area": len(pix), "score": round(score, 4),
             })
     found.sort(key=lambda d: (CELLS.index(d["cell"]), d["bbox"][1], d["bbox"][0]))
     return found

@@ -67,7 +67,7 @@ def object_sizes(image_size: int) -> dict[str, int]:
     """Side in pixels of a small and a large object. Odd sides keep shapes symmetric."""
     large = image_size // 3 - 1  # fits a cell with one empty column/row to spare
     large -= 1 - large % 2
-    small = int(round(0.6 * large))
+    small = round(0.6 * large)
     small -= 1 - small % 2
     return {"small": small, "large": large}
 
@@ -278,9 +278,14 @@ def write_split(out_dir: Path, split: str, num: int, image_size: int, seed: int,
     return w.sizes
 
 
-def write_prompts(path: Path) -> None:
-    from mm.data.shapes_text import held_out_prompts
+def held_out_prompts() -> list[dict]:
+    """The fixed held-out text-to-image prompts with their specs (see ``mm.data.shapes_text``)."""
+    from mm.data.shapes_text import held_out_prompts as prompts
 
+    return prompts()
+
+
+def write_prompts(path: Path) -> None:
     path.write_text(json.dumps(held_out_prompts(), indent=1))
 
 

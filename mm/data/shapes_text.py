@@ -16,7 +16,8 @@ from mm.data.shapes import CELLS, COLORS, SHAPES, relation_holds
 
 NUMBER_WORDS = {0: "zero", 1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six",
                 7: "seven", 8: "eight", 9: "nine"}
-CELL_PHRASES = {  # every phrase is true of its cell
+# Every phrase is true of its cell; "in the {cell}" (unambiguous) is always among them.
+CELL_PHRASES = {
     "top left": ["in the top left", "in the top left corner", "in the upper left"],
     "top center": ["at the top", "in the top center", "at the top in the middle"],
     "top right": ["in the top right", "in the top right corner", "in the upper right"],
@@ -220,8 +221,8 @@ def _question_pool(rng, objects: list[dict]) -> list[tuple]:
          "how many", "number", len(objects)),
         (f"How many {color} shapes are there?", "how many", "number", colors.count(color)),
         (f"How many {shape}s are there?", "how many", "number", shapes.count(shape)),
-        (f"What color is the shape {CELL_PHRASES[obj['cell']][0]}?", "what color is the", "color", obj["color"]),
-        (f"What shape is {CELL_PHRASES[obj['cell']][0]}?", "what shape is", "shape", obj["shape"]),
+        (f"What color is the shape in the {obj['cell']}?", "what color is the", "color", obj["color"]),
+        (f"What shape is in the {obj['cell']}?", "what shape is", "shape", obj["shape"]),
         (f"Is there a {color} {shape}?", "is there a", "yesno", "yes" if (color, shape) in pairs else "no"),
         (f"Is there a {obj['color']} {obj['shape']}?", "is there a", "yesno", "yes"),
         (f"Are there any {color} shapes?", "are there any", "yesno", "yes" if color in colors else "no"),
@@ -294,7 +295,7 @@ def _held_out() -> tuple[dict, ...]:
                 add(_spec(noun_phrase(c1, s1, n), tag, [(c1, s1, n, None)]))
             elif tag == "position":
                 cell = CELLS[int(rng.integers(9))]
-                add(_spec(f"{noun_phrase(c1, s1, 1)} {CELL_PHRASES[cell][0]}", tag, [(c1, s1, 1, cell)]))
+                add(_spec(f"{noun_phrase(c1, s1, 1)} in the {cell}", tag, [(c1, s1, 1, cell)]))
             elif tag == "relation" and (c1, s1) != (c2, s2):
                 rel = str(rng.choice(list(RELATION_WORDS)))
                 add(_spec(f"{noun_phrase(c1, s1, 1)} {RELATION_WORDS[rel]} {noun_phrase(c2, s2, 1)}", tag,
