@@ -63,7 +63,7 @@ class VQConfig:
     code_dim: int = 8  # low-dimensional l2-normalised lookup (LlamaGen style)
     downsample: int = 4  # 4, 8 or 16
     channels: int = 64
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # log2(downsample)+1 values
     layers_per_block: int = 1
     quantizer: str = "l2"  # l2 | ema
     beta: float = 0.25  # commitment weight on the encoder term
@@ -74,7 +74,7 @@ class VQConfig:
     disc_weight: float = 0.0  # PatchGAN weight; 0 = off
     disc_start: int = 1000  # discriminator warm-up steps
     perceptual_path: str = ""  # local weights for a perceptual loss; empty = off
-    perceptual_weight: float = 0.0
+    perceptual_weight: float = 1.0  # used only when perceptual_path is set
 
 
 @dataclass
