@@ -1,0 +1,138 @@
+"""The shared image backbone and its two ways in: continuous patches and VQ codes.
+
+    images (B, C, H, W) ─► PatchEmbed ─┐                       (understanding: bidirectional)
+                                       ├─► SharedBackbone ─► (B, N, D)
+    codes  (B, h, w)    ─► CodeEmbed  ─┘                       (generation: causal, raster order)
+
+Each backbone block is self-attention → cross-attention to the text states → MLP (mm.nn.Block).
+Image tokens get 2D positions: 2D RoPE over their grid (default) or a learned table per grid
+cell. Patches and codes may have different grids (e.g. 4-px patches vs. 8× downsampled codes),
+so each embedding owns the positions of its grid and returns them with the tokens.
+
+Generation input is [start] + codes[:-1] in raster order; input token n predicts code n, and it
+carries the position of cell n (the cell being predicted), so the start token sits at (0, 0).
+
+The learned *null context* is a few text-like states in the backbone width. The backbone sees it
+instead of real text for ITC's unimodal image embedding, for captioning, and for the
+unconditional branch of classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mm.errors import MMError
+from mm.nn.layers import Block, make_norm
+from mm.nn.position import LearnedPositions, RoPE2D
+
+
+class GridPositions(nn.Module):
+    """Positions of an h×w token grid: 2D RoPE tables or an additive learned table, by flat index."""
+
+    def __init__(self, kind: str, dim: int, heads: int, height: int, width: int):
+        super().__init__()
+        if kind not in ("rope2d", "learned"):
+            raise MMError(f"image positions must be 'rope2d' or 'learned', got {kind!r}")
+        self.kind = kind
+        if kind == "rope2d":
+            self.rope = RoPE2D(dim // heads, height, width)
+        else:
+            self.table = LearnedPositions(height * width, dim)
+
+    def forward(self, x: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """x (B, T, D), positions (T,) flat grid indices -> (x [+ learned], rope tables or None)."""
+        if self.kind == "rope2d":
+            return x, self.rope(positions)
+        return x + self.table(positions), None
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p×p patches, flattened and linearly projected (a ViT stem without a conv)."""
+
+    def __init__(self, image_size: int, patch_size: int, channels: int, dim: int, heads: int, pos: str):
+        super().__init__()
+        if image_size % patch_size:
+            raise MMError(f"image size {image_size} is not divisible by patch size {patch_size}; "
+                          "choose model.patch_size dividing data.image_size")
+        self.image_size, self.patch_size, self.channels = image_size, patch_size, channels
+        self.grid = image_size // patch_size
+        self.proj = nn.Linear(channels * patch_size * patch_size, dim)
+        self.pos = GridPositions(pos, dim, heads, self.grid, self.grid)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        b, c, h, w = images.shape
+        if (c, h, w) != (self.channels, self.image_size, self.image_size):
+            raise MMError(f"images have shape {tuple(images.shape)}; this model expects "
+                          f"(B, {self.channels}, {self.image_size}, {self.image_size})")
+        p, g = self.patch_size, self.grid
+        x = images.reshape(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5)  # (B, g, g, C, p, p)
+        x = self.proj(x.reshape(b, g * g, c * p * p))  # (B, N, D), row-major patches
+        return self.pos(x, torch.arange(g * g, device=x.device))
+
+
+class CodeEmbed(nn.Module):
+    """VQ code embeddings plus a learned start token (index K) for next-code prediction."""
+
+    def __init__(self, codebook_size: int, grid: tuple[int, int], dim: int, heads: int, pos: str):
+        super().__init__()
+        self.codebook_size, self.grid = codebook_size, tuple(grid)
+        self.start_id = codebook_size
+        self.emb = nn.Embedding(codebook_size + 1, dim)
+        self.pos = GridPositions(pos, dim, heads, *self.grid)
+
+    def inputs(self, codes: Tensor) -> Tensor:
+        """codes (B, h, w) -> teacher-forcing inputs (B, h*w): start token + codes[:-1] in raster order."""
+        if codes.dim() != 3 or tuple(codes.shape[1:]) != self.grid:
+            raise MMError(f"codes have shape {tuple(codes.shape)}; this model expects (B, {self.grid[0]}, "
+                          f"{self.grid[1]}) from a VQ tokenizer with the same grid")
+        flat = codes.flatten(1)  # (B, N)
+        start = torch.full_like(flat[:, :1], self.start_id)
+        return torch.cat([start, flat[:, :-1]], dim=1)
+
+    def forward(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """ids (B, t) code ids or start id; positions (t,) flat cells they predict."""
+        return self.pos(self.emb(ids), positions)
+
+
+class SharedBackbone(nn.Module):
+    """N pre-norm blocks (self-attn → cross-attn to text → MLP) + final norm, and the null context."""
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, mlp: str, norm: str,
+                 dropout: float, null_context_len: int):
+        super().__init__()
+        self.dim, self.heads = dim, heads
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, context_dim=dim, mlp=mlp, norm=norm,
+                                           dropout=dropout) for _ in range(depth)])
+        self.norm = make_norm(norm, dim)
+        self.null_context = nn.Parameter(torch.randn(null_context_len, dim) * 0.02)
+        self.grad_checkpointing = False
+
+    def null(self, batch: int, length: int | None = None) -> tuple[Tensor, Tensor]:
+        """The null context for a batch: states (B, L, D) and mask (B, L).
+
+        With ``length`` larger than the null context, it is right-padded (mask False) so it can be
+        concatenated with real text states of that length (CFG runs both branches in one batch).
+        """
+        n = self.null_context.shape[0]
+        length = n if length is None else length
+        if length < n:
+            raise ValueError(f"null context has {n} states; cannot fit it into length {length}")
+        states = self.null_context.unsqueeze(0).expand(batch, n, self.dim)  # (B, n, D)
+        if length > n:
+            states = torch.cat([states, states.new_zeros(batch, length - n, self.dim)], dim=1)  # (B, L, D)
+        mask = torch.zeros(batch, length, dtype=torch.bool, device=states.device)
+        mask[:, :n] = True
+        return states, mask
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, context: Tensor | None,
+                context_mask: Tensor | None, causal: bool, caches=None) -> Tensor:
+        """x (B, T, D) image tokens -> (B, T, D) normalised states. ``caches``: one BlockCache per block."""
+        for i, blk in enumerate(self.blocks):
+            cache = caches[i] if caches is not None else None
+            if self.grad_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(blk, x, context, context_mask, None, causal, rope,
+                                                      use_reentrant=False)
+            else:
+                x = blk(x, context, context_mask, causal=causal, rope=rope, cache=cache)
+        return self.norm(x)

@@ -1,0 +1,289 @@
+"""MMModel: text encoder + patch/code embeddings + shared backbone + text decoder + heads.
+
+What the objectives and the sampler call (all tensors batch-first):
+
+    text_states, text_mask = model.encode_text(ids, mask)         # (B, Lt, D), (B, Lt) bool
+    model.text_embedding(ids, mask) / model.pool_text(states, mask) -> (B, E) unit-norm ITC embedding
+    model.image_states(images, text_states=None, text_mask=None)  # (B, Li, D); no text = null context
+    model.image_embedding(images) / model.pool_image(states)      -> (B, E) unit-norm ITC embedding
+    model.itc_logit_scale()                                       # exp(learned log-scale), ≤ 100
+    fused = model.fuse(images, text_states, text_mask)             # (B, Li, D) image states with text
+    model.itm_logits(fused) -> (B, 2)            model.vqa_logits(fused) -> (B, A)  (after set_vqa_answers(A))
+    model.caption_logits(image_states, ids, mask=None) -> (B, L, V); logits[:, t] predicts ids[:, t+1]
+    model.t2i_logits(codes (B, h, w), text_states, text_mask) -> (B, h*w, K); row n predicts code n
+        (text_states=None uses the null context: the unconditional branch / CFG dropout)
+    model.null_context(batch, length=None) -> (states, mask)     # to batch CFG branches together
+
+Incremental sampling (cross-attention K/V computed once at prefill; self-attention K/V in a
+static (B, H, Tmax, d) cache by default, or a growing one with cache="dynamic"):
+
+    logits, state = model.t2i_prefill(text_states, text_mask)     # (B, K) logits for code 0
+    logits = model.t2i_step(codes_n (B,), state)                  # (B, K) logits for the next code
+    logits, state = model.caption_prefill(image_states, ids (B, t))   # (B, V) for the token after ids
+    logits = model.caption_step(ids_n (B,), state)
+
+``save_pretrained(dir)`` writes config.json + model.safetensors; ``MMModel.from_pretrained(dir)``
+rebuilds the same model (also a Hugging Face text encoder, from its stored config) with no pickle.
+The VQ tokenizer is not part of MMModel: only the codebook size K and the code grid are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mm.errors import MMError
+from mm.models.backbone import CodeEmbed, PatchEmbed, SharedBackbone
+from mm.models.decoder import TextDecoder
+from mm.models.text_encoder import BuiltinTextEncoder, HFTextEncoder, masked_mean
+from mm.nn.attention import Attention
+from mm.nn.cache import BlockCache, make_caches
+from mm.nn.layers import MLP
+
+
+@dataclass
+class MMConfig:
+    """Everything needed to rebuild an MMModel; saved as config.json beside the weights."""
+
+    vocab_size: int = 1024  # text tokenizer vocabulary (encoder input and decoder output)
+    text_max_len: int = 32
+    text_encoder: str = "builtin"  # "builtin" or the local Hugging Face folder it was loaded from
+    text_encoder_config: dict | None = None  # HF config dict, filled at load; rebuilds the architecture
+    freeze_text_encoder: bool = False
+    text_width: int = 256  # builtin encoder only
+    text_depth: int = 4
+    text_heads: int = 4
+    width: int = 256  # backbone (and decoder) width D
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    mlp: str = "gelu"  # gelu | swiglu
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    dropout: float = 0.0
+    image_size: int = 32
+    channels: int = 3
+    patch_size: int = 4
+    image_pos: str = "rope2d"  # rope2d | learned
+    codebook_size: int = 512  # K of the VQ tokenizer
+    code_grid: list[int] = field(default_factory=lambda: [8, 8])  # (h, w) of the VQ code grid
+    decoder_depth: int = 2
+    embed_dim: int = 256  # ITC embedding size
+    null_context_len: int = 1
+    vqa_answers: int = 0  # classifier head size; 0 = no head (set at VQA fine-tuning)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MMConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise MMError(f"model config has unknown keys {unknown}; was it written by a newer mm?")
+        return cls(**data)
+
+
+@dataclass
+class DecodeState:
+    """What incremental decoding carries between steps: per-block caches and the context mask."""
+
+    caches: list[BlockCache]
+    context_mask: Tensor | None
+
+
+class MMModel(nn.Module):
+    def __init__(self, config: MMConfig):
+        super().__init__()
+        c = self.config = config
+        if c.width % c.heads:
+            raise MMError(f"model width {c.width} is not divisible by heads {c.heads}")
+        blocks = {"mlp_ratio": c.mlp_ratio, "mlp": c.mlp, "norm": c.norm, "dropout": c.dropout}
+        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.channels, c.width, c.heads, c.image_pos)
+        self.code_embed = CodeEmbed(c.codebook_size, tuple(c.code_grid), c.width, c.heads, c.image_pos)
+        self.backbone = SharedBackbone(c.width, c.depth, c.heads, null_context_len=c.null_context_len, **blocks)
+        self.decoder = TextDecoder(c.vocab_size, c.width, c.decoder_depth, c.heads, c.text_max_len, **blocks)
+        self.itc_image = nn.Linear(c.width, c.embed_dim)
+        self.itc_text = nn.Linear(c.width, c.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+        self.itm_head = nn.Linear(c.width, 2)
+        self.t2i_head = nn.Linear(c.width, c.codebook_size)
+        self.vqa_head = self._vqa_head(c.vqa_answers) if c.vqa_answers else None
+        self.apply(self._init_weights)  # before the HF encoder exists, so pretrained weights stay
+        if c.text_encoder == "builtin":
+            self.text_encoder = BuiltinTextEncoder(c.vocab_size, c.text_width, c.text_depth, c.text_heads,
+                                                   c.text_max_len, c.width, **blocks)
+            self.text_encoder.apply(self._init_weights)
+        else:
+            self.text_encoder = HFTextEncoder(c.width, c.text_encoder, c.text_encoder_config,
+                                              freeze=c.freeze_text_encoder)
+            c.text_encoder_config = self.text_encoder.hf_config
+            self._init_weights(self.text_encoder.proj)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        # GPT-2 style: N(0, 0.02), zero biases, residual output projections scaled by 1/sqrt(2·layers).
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        residual_out = m.out if isinstance(m, Attention) else m.proj if isinstance(m, MLP) else None
+        if residual_out is not None:  # apply() visits children first, so this overrides the above
+            nn.init.normal_(residual_out.weight, std=0.02 / math.sqrt(2 * max(self.config.depth, 1)))
+
+    def _vqa_head(self, answers: int) -> nn.Module:
+        d = self.config.width
+        return nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.LayerNorm(2 * d), nn.Linear(2 * d, answers))
+
+    def set_vqa_answers(self, answers: int) -> None:
+        """(Re)build the VQA classifier for an answer vocabulary of this size (VQA fine-tuning)."""
+        if answers < 1:
+            raise MMError(f"the VQA answer vocabulary must have at least 1 answer, got {answers}")
+        self.vqa_head = self._vqa_head(answers).to(self.logit_scale.device)
+        self.vqa_head.apply(self._init_weights)
+        self.config.vqa_answers = answers
+
+    def set_grad_checkpointing(self, on: bool = True) -> None:
+        self.backbone.grad_checkpointing = self.decoder.grad_checkpointing = on
+        if isinstance(self.text_encoder, BuiltinTextEncoder):
+            self.text_encoder.grad_checkpointing = on
+        else:
+            self.text_encoder.set_grad_checkpointing(on)
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ---- text -------------------------------------------------------------------------------
+
+    def encode_text(self, ids: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.text_encoder(ids, mask)  # (B, Lt, D), (B, Lt) bool
+
+    def pool_text(self, text_states: Tensor, text_mask: Tensor) -> Tensor:
+        return F.normalize(self.itc_text(masked_mean(text_states, text_mask)), dim=-1)  # (B, E)
+
+    def text_embedding(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.pool_text(*self.encode_text(ids, mask))
+
+    # ---- understanding: patches through the backbone (bidirectional) --------------------------
+
+    def null_context(self, batch: int, length: int | None = None) -> tuple[Tensor, Tensor]:
+        return self.backbone.null(batch, length)
+
+    def image_states(self, images: Tensor, text_states: Tensor | None = None,
+                     text_mask: Tensor | None = None) -> Tensor:
+        """images (B, C, H, W) -> (B, Li, D); without text the backbone sees the null context."""
+        x, rope = self.patch_embed(images)  # (B, Li, D)
+        if text_states is None:
+            text_states, text_mask = self.null_context(x.shape[0])
+        return self.backbone(x, rope, text_states, text_mask, causal=False)
+
+    def pool_image(self, image_states: Tensor) -> Tensor:
+        return F.normalize(self.itc_image(image_states.mean(1)), dim=-1)  # (B, E)
+
+    def image_embedding(self, images: Tensor) -> Tensor:
+        return self.pool_image(self.image_states(images))
+
+    def itc_logit_scale(self) -> Tensor:
+        return self.logit_scale.exp().clamp(max=100.0)
+
+    def fuse(self, images: Tensor, text_states: Tensor, text_mask: Tensor) -> Tensor:
+        return self.image_states(images, text_states, text_mask)
+
+    def itm_logits(self, fused: Tensor) -> Tensor:
+        return self.itm_head(fused.mean(1))  # (B, 2): [no match, match]
+
+    def vqa_logits(self, fused: Tensor) -> Tensor:
+        if self.vqa_head is None:
+            raise MMError("this model has no VQA classifier head; call set_vqa_answers(n) before VQA training")
+        return self.vqa_head(fused.mean(1))  # (B, A)
+
+    # ---- captioning / generative answers ------------------------------------------------------
+
+    def caption_logits(self, image_states: Tensor, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, L, V) next-token logits. Right padding assumed (see TextDecoder); ``mask`` is for the loss."""
+        if mask is not None and mask.shape != ids.shape:
+            raise ValueError(f"caption mask has shape {tuple(mask.shape)} but ids have {tuple(ids.shape)}")
+        return self.decoder(ids, image_states)
+
+    def _cache_dtype(self, device: torch.device) -> torch.dtype:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)  # keys/values come out of autocast matmuls
+        return self.logit_scale.dtype
+
+    def caption_prefill(self, image_states: Tensor, ids: Tensor, cache: str = "static",
+                        max_len: int | None = None) -> tuple[Tensor, DecodeState]:
+        """Run the prompt ids (B, t) (at least a BOS); return logits (B, V) for the next token."""
+        b, dev = ids.shape[0], ids.device
+        c = self.config
+        caches = make_caches(c.decoder_depth, cache, b, c.heads, max_len or c.text_max_len,
+                             c.width // c.heads, dev, self._cache_dtype(dev))
+        logits = self.decoder(ids, image_states, caches)
+        return logits[:, -1], DecodeState(caches, None)
+
+    def caption_step(self, ids: Tensor, state: DecodeState) -> Tensor:
+        """ids (B,) the tokens just chosen -> (B, V) logits for the next ones."""
+        return self.decoder(ids.view(-1, 1), None, state.caches)[:, -1]
+
+    # ---- text-to-image: next-code prediction over the VQ grid ---------------------------------
+
+    def t2i_logits(self, codes: Tensor, text_states: Tensor | None, text_mask: Tensor | None) -> Tensor:
+        """codes (B, h, w) -> (B, h*w, K); row n is conditioned on the text and codes 0..n-1 (raster order)."""
+        ids = self.code_embed.inputs(codes)  # (B, N): start + codes[:-1]
+        x, rope = self.code_embed(ids, torch.arange(ids.shape[1], device=ids.device))
+        if text_states is None:
+            text_states, text_mask = self.null_context(ids.shape[0])
+        h = self.backbone(x, rope, text_states, text_mask, causal=True)  # (B, N, D)
+        return self.t2i_head(h)  # (B, N, K)
+
+    def t2i_prefill(self, text_states: Tensor | None, text_mask: Tensor | None, batch: int | None = None,
+                    cache: str = "static") -> tuple[Tensor, DecodeState]:
+        """Feed the start token with the text (None = null context); return (B, K) logits for code 0."""
+        if text_states is None:
+            if batch is None:
+                raise ValueError("t2i_prefill without text needs batch=")
+            text_states, text_mask = self.null_context(batch)
+        b, dev = text_states.shape[0], text_states.device
+        c = self.config
+        n = c.code_grid[0] * c.code_grid[1]
+        caches = make_caches(c.depth, cache, b, c.heads, n, c.width // c.heads, dev, self._cache_dtype(dev))
+        start = torch.full((b, 1), self.code_embed.start_id, dtype=torch.long, device=dev)
+        x, rope = self.code_embed(start, torch.arange(1, device=dev))
+        h = self.backbone(x, rope, text_states, text_mask, causal=True, caches=caches)
+        return self.t2i_head(h[:, -1]), DecodeState(caches, text_mask)
+
+    def t2i_step(self, codes: Tensor, state: DecodeState) -> Tensor:
+        """codes (B,) just sampled -> (B, K) logits for the next code (cross-attention K/V are cached)."""
+        ids = codes.view(-1, 1)
+        pos = state.caches[0].self_attn.next_position() + torch.arange(1, device=ids.device)  # (1,)
+        x, rope = self.code_embed(ids, pos)
+        h = self.backbone(x, rope, None, state.context_mask, causal=True, caches=state.caches)
+        return self.t2i_head(h[:, -1])
+
+    # ---- saving / loading ----------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json and model.safetensors into ``directory`` (created if needed)."""
+        from safetensors.torch import save_model
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+        save_model(self, str(d / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> MMModel:
+        """Rebuild the model from config.json and load model.safetensors exactly (strict)."""
+        from safetensors.torch import load_model
+
+        d = Path(directory)
+        if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+            raise MMError(f"{d} is not a saved mm model (needs config.json and model.safetensors); "
+                          "pass the folder written by save_pretrained, e.g. RUN/final")
+        config = MMConfig.from_dict(json.loads((d / "config.json").read_text()))
+        model = cls(config)
+        load_model(model, str(d / "model.safetensors"), strict=True, device=str(device))
+        return model.to(device).eval()

@@ -1,0 +1,154 @@
+"""MMModel: cached sampling equals full forward, causality, null context, save/load, gradients."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mm.errors import MMError
+from mm.models.model import MMModel
+from mm.models.presets import create_model
+
+B = 3
+
+
+@pytest.fixture
+def model():
+    return create_model("debug", code_grid=[3, 4]).eval()
+
+
+def text(model, lengths=(5, 3, 1)):
+    ids = torch.randint(0, model.config.vocab_size, (len(lengths), max(lengths)))
+    mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    return ids, mask
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_t2i_with_kv_cache_equals_full_forward(model, kind):
+    ids, mask = text(model)
+    codes = torch.randint(0, model.config.codebook_size, (B, 3, 4))
+    with torch.no_grad():
+        ts, tm = model.encode_text(ids, mask)
+        full = model.t2i_logits(codes, ts, tm)  # (B, 12, K)
+        logits, state = model.t2i_prefill(ts, tm, cache=kind)
+        steps = [logits]
+        for n in range(11):
+            steps.append(model.t2i_step(codes.flatten(1)[:, n], state))
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_t2i_cfg_batch_with_padded_null_context_equals_separate_runs(model):
+    ids, mask = text(model)
+    codes = torch.randint(0, model.config.codebook_size, (B, 3, 4))
+    with torch.no_grad():
+        ts, tm = model.encode_text(ids, mask)
+        cond = model.t2i_logits(codes, ts, tm)
+        uncond = model.t2i_logits(codes, None, None)
+        ns, nm = model.null_context(B, length=ts.shape[1])  # padded to the text length
+        both = model.t2i_logits(torch.cat([codes, codes]), torch.cat([ts, ns]), torch.cat([tm, nm]))
+    torch.testing.assert_close(both, torch.cat([cond, uncond]), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cond, uncond)  # the text matters
+
+
+def test_t2i_is_causal_in_raster_order(model):
+    codes = torch.randint(0, model.config.codebook_size, (1, 3, 4))
+    changed = codes.clone()
+    changed[0, 1, 2] = (changed[0, 1, 2] + 1) % model.config.codebook_size  # code 6
+    with torch.no_grad():
+        a, b = model.t2i_logits(codes, None, None), model.t2i_logits(changed, None, None)
+    torch.testing.assert_close(a[:, :7], b[:, :7])  # rows 0..6 cannot see code 6
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_caption_decoder_incremental_equals_full(model, kind):
+    images = torch.randn(B, 3, 16, 16)
+    ids = torch.randint(0, model.config.vocab_size, (B, 9))
+    with torch.no_grad():
+        states = model.image_states(images)
+        full = model.caption_logits(states, ids)
+        logits, state = model.caption_prefill(states, ids[:, :2], cache=kind)  # a 2-token prompt
+        steps = [logits]
+        for t in range(2, 9):
+            steps.append(model.caption_step(ids[:, t], state))
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_caption_right_padding_does_not_change_real_positions(model):
+    states = torch.randn(2, 16, model.config.width)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    other = ids.clone()
+    other[:, 5:] = 0  # different pad content after position 4
+    a, b = model.caption_logits(states, ids), model.caption_logits(states, other)
+    torch.testing.assert_close(a[:, :5], b[:, :5])
+
+
+def test_itc_embeddings_use_the_null_context_and_are_normalised(model):
+    images = torch.randn(B, 3, 16, 16)
+    ids, mask = text(model)
+    with torch.no_grad():
+        img = model.image_embedding(images)
+        ns, nm = model.null_context(B)
+        torch.testing.assert_close(img, model.pool_image(model.image_states(images, ns, nm)))
+        txt = model.text_embedding(ids, mask)
+        fused = model.fuse(images, *model.encode_text(ids, mask))
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(B))
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(B))
+    assert model.itm_logits(fused).shape == (B, 2)
+    assert not torch.allclose(fused, model.image_states(images))  # text changes the fused states
+    assert 1 < model.itc_logit_scale().item() <= 100
+
+
+def test_every_parameter_gets_a_gradient_from_all_objectives(model):
+    model.train()
+    model.set_vqa_answers(7)
+    images = torch.randn(B, 3, 16, 16)
+    ids, mask = text(model)
+    codes = torch.randint(0, model.config.codebook_size, (B, 3, 4))
+    ts, tm = model.encode_text(ids, mask)
+    img_states = model.image_states(images)
+    sims = model.pool_image(img_states) @ model.pool_text(ts, tm).T * model.itc_logit_scale()
+    fused = model.fuse(images, ts, tm)
+    loss = (F.cross_entropy(sims, torch.arange(B)) + model.itm_logits(fused).sum() + model.vqa_logits(fused).sum()
+            + model.caption_logits(img_states, ids).logsumexp(-1).mean()
+            + model.t2i_logits(codes, ts, tm).logsumexp(-1).mean())
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing  # an unused parameter would also break DDP
+
+
+def test_save_and_load_are_exact(model, tmp_path):
+    model.set_vqa_answers(5)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["vqa_answers"] == 5 and cfg["code_grid"] == [3, 4]
+    loaded = MMModel.from_pretrained(tmp_path)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model.eval().vqa_logits(model.image_states(images)),
+                           loaded.vqa_logits(loaded.image_states(images)))
+    with pytest.raises(MMError, match="not a saved mm model"):
+        MMModel.from_pretrained(tmp_path / "nowhere")
+
+
+def test_grad_checkpointing_gives_the_same_gradients(model):
+    codes = torch.randint(0, model.config.codebook_size, (2, 3, 4))
+    grads = []
+    for on in (False, True):
+        model.zero_grad()
+        model.train().set_grad_checkpointing(on)
+        model.t2i_logits(codes, None, None).square().mean().backward()
+        grads.append(model.backbone.blocks[0].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_bad_inputs_are_one_line_errors(model):
+    with pytest.raises(MMError, match=r"\(1, 3, 32, 32\)"):
+        model.image_states(torch.randn(1, 3, 32, 32))
+    with pytest.raises(MMError, match=r"\(1, 4, 4\)"):
+        model.t2i_logits(torch.zeros(1, 4, 4, dtype=torch.long), None, None)
+    with pytest.raises(MMError, match="set_vqa_answers"):
+        model.vqa_logits(torch.randn(1, 16, model.config.width))
