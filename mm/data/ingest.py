@@ -62,7 +62,7 @@ DUPLICATE = "duplicate"
 class Item:
     """One candidate sample; small and picklable so worker processes can take it."""
 
-    image: str  # absolute path of the image file
+    image: str  # path of the image file (absolute, or relative to the working folder)
     source: str  # the path as the source names it (recorded in the sample's json)
     caption: object = None  # caption value from a table (str, list of str, number or None)
     caption_file: str | None = None  # sidecar .txt (folder sources)

@@ -90,7 +90,8 @@ def inspect_shards(spec: str, num: int = 16, grid: str | Path = "") -> dict:
                 qa_questions += len(meta["qa"])
             if len(examples) < num:
                 examples.append(caption)
-                cells.append((_thumbnail(image), caption))
+                if grid:
+                    cells.append((_thumbnail(image), caption))
         name = Path(url).name
         per_shard[name] = count
         samples += count

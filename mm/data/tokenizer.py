@@ -34,9 +34,11 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int, out_dir: str | Pat
                       f"use at least {N_BYTES + len(SPECIAL_TOKENS)}")
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.normalizer = normalizers.NFC()  # one code-point sequence per visible text
-    # No prefix space: decode(encode(text)) == text exactly (a leading word is merged as-is).
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    # A prefix space makes the first word the same token as inside a sentence ("Ġwhat"), so
+    # short questions and answers tokenise well; the decoder strips that one space again, so
+    # decode(encode(text)) == text for any text not starting with whitespace.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)

@@ -33,12 +33,20 @@ def test_trained_folder_and_special_ids(bpe_dir):
 
 
 @pytest.mark.parametrize("text", ["a red circle above two blue squares", "café crème 東京 😀",
-                                  "  double  spaces and UPPER case, unseen words: zebra!", "x"])
+                                  "double  spaces,\ttabs and UPPER case, unseen words: zebra!\n", "x"])
 def test_round_trip_is_exact(bpe_dir, text):
     tok = load_tokenizer(bpe_dir)
     ids, mask = tok.encode([text], max_len=128)
     assert ids[0, 0] == tok.bos_id and ids[0, mask[0].sum() - 1] == tok.eos_id
     assert tok.decode(ids[0]) == text  # byte-level: nothing is lost, specials and padding skipped
+
+
+def test_first_word_is_tokenised_like_inside_a_sentence(bpe_dir):
+    tok = load_tokenizer(bpe_dir)
+    alone, mask = tok.encode(["circle"], 8, add_special=False)
+    inside, mask2 = tok.encode(["a circle"], 8, add_special=False)
+    assert alone[0][mask[0]].tolist() == inside[0][mask2[0]].tolist()[-int(mask.sum()):]
+    assert mask.sum() == 1  # a frequent word is one token, also at the start
 
 
 def test_padding_and_truncation(bpe_dir):
