@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 from mm.errors import MMError
@@ -264,6 +265,9 @@ def iter_vqa_shards(data: str):
         meta = json.loads(sample["json"])
         qas = meta.get("qa") or ([meta] if "question" in meta and "answers" in meta else [])
         for qa in qas:
+            if not isinstance(qa, dict) or "question" not in qa or not qa.get("answers"):
+                raise MMError(f"sample {sample['__key__']} in {data} has a VQA entry without "
+                              "question/answers; each needs a question and its human answers")
             yield sample[ext], ext, sample["__key__"], qa
 
 
@@ -280,8 +284,9 @@ def vqa_files_from_samples(samples) -> tuple[dict, dict, list]:
             "answer_type": qa.get("answer_type", "other"),
             "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
                         for i, a in enumerate(qa["answers"])],
+            # official: the most frequent human answer
             "multiple_choice_answer": qa.get("multiple_choice_answer",
-                                             qa["answers"][0] if qa["answers"] else ""),
+                                             Counter(qa["answers"]).most_common(1)[0][0]),
         })
     return {"annotations": anns}, {"questions": qs}, [q["question_id"] for q in qs]
 
