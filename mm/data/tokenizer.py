@@ -157,8 +157,11 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
 
 # ----------------------------------------------------------------------------- the command
 
-def shard_texts(spec: str, stats: dict | None = None):
-    """Captions, then VQA questions and (distinct) answers, from every sample of the shards."""
+def captions_from_shards(spec: str | list[str], stats: dict | None = None):
+    """Texts to train a tokenizer on: per sample its caption, then its VQA questions and
+    (distinct) answers. ``spec`` is anything :func:`mm.data.shards.expand_shards` takes.
+    Unreadable shards are skipped; ``stats`` (if given) gets ``samples`` and ``errors``.
+    """
     import webdataset as wds
 
     from mm.data.shards import expand_shards
@@ -194,7 +197,7 @@ def shard_texts(spec: str, stats: dict | None = None):
 
 def cli_tokenizer(args: argparse.Namespace) -> int:
     stats: dict = {}
-    texts = shard_texts(args.data, stats)
+    texts = captions_from_shards(args.data, stats)
     first = next(texts, None)  # fail before writing anything when there is no text
     if first is None:
         raise MMError(f"no captions in {args.data} ({stats['errors']} read errors); check the shards")

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from mm.cli import main
-from mm.data.shards import ShardWriter
-from mm.data.tokenizer import load_tokenizer, train_tokenizer
+from mm.data.shards import ShardWriter, expand_shards
+from mm.data.tokenizer import captions_from_shards, load_tokenizer, train_tokenizer
 from mm.errors import MMError
 
 CAPTIONS = ["a red circle above two blue squares", "a small green triangle on the left",
@@ -118,6 +118,9 @@ def test_cli_trains_on_captions_and_vqa_text(tmp_path, capsys):
                    "answer_type": "other"}]
             w.write({"__key__": f"{i:06d}", "png": _png(), "txt": "a red circle",
                      "json": {"caption": "a red circle", "qa": qa}})
+    texts = list(captions_from_shards(expand_shards(str(shards))))  # a URL list, as the trainer passes
+    assert texts[:4] == ["a red circle", "which animal is drawn here?", "horse", "zebra"]
+    assert len(texts) == 20 * 4
     out = tmp_path / "tok"
     assert main(["data", "tokenizer", "--data", str(shards), "--vocab-size", "300", "--out", str(out)]) == 0
     assert "on 20 samples" in capsys.readouterr().out
