@@ -144,6 +144,7 @@ class VQAConfig:
     head: str = "classifier"  # classifier | generative
     answer_vocab_size: int = 1000
     rank_candidates: bool = False  # generative: rank the candidate list instead of free decoding
+    pretrain_config: str = ""  # pretraining config (relative to this file) run first when run.init_from is empty
 
 
 @dataclass
@@ -285,7 +286,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 # Keys holding file paths that are written relative to the YAML file that sets them.
-FILE_RELATIVE_KEYS = (("vq", "config"),)
+FILE_RELATIVE_KEYS = (("vq", "config"), ("vqa", "pretrain_config"))
 
 
 def _resolve_relative(data: dict, folder: Path) -> dict:

@@ -8,6 +8,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny tensors: one thread avoids oversubscription on the 2-core CI machine (much faster here).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

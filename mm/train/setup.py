@@ -153,24 +153,53 @@ def ensure_vq(cfg: Config, run_dir: Path) -> Config:
     if not cfg.vq.config:
         raise MMError("pretraining needs a VQ tokenizer: set vq.path=DIR (RUN/final of `mm train "
                       "configs/vq/shapes.yaml`) or vq.config=VQ.yaml to train one first")
-    from mm.train.trainer import train
-
     vq_run = run_dir / "vq"
-    if not (vq_run / "final" / "config.json").exists():
-        d = cfg.data
-        overrides = [f"run.dir={vq_run}", f"run.seed={cfg.run.seed}", "run.stage=vq",
-                     f"train.mixed_precision={cfg.train.mixed_precision}",
-                     f"data.train={','.join(d.train)}", f"data.val={','.join(d.val)}",
-                     f"data.image_size={d.image_size}", f"data.shapes_train={d.shapes_train}",
-                     f"data.shapes_val={d.shapes_val}", f"data.num_workers={d.num_workers}"]
-        if d.shapes_cache:
-            overrides.append(f"data.shapes_cache={d.shapes_cache}")
-        overrides += [f"vq.{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-                      for k, v in config_to_dict(cfg.vq).items() if k not in ("path", "config")]
-        print(f"mm: training the VQ tokenizer first ({cfg.vq.config} -> {vq_run})", flush=True)
-        train(load_config(cfg.vq.config, overrides))
+    extra = [f"vq.{k}={_as_override(v)}" for k, v in config_to_dict(cfg.vq).items() if k not in ("path", "config")]
+    run_first(cfg, cfg.vq.config, vq_run, "vq", extra)
     cfg = copy.deepcopy(cfg)
     cfg.vq.path = str(vq_run / "final")
+    return cfg
+
+
+def _as_override(v) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def run_first(cfg: Config, config_path: str, run_dir: Path, stage: str, extra: list[str]) -> None:
+    """Train an earlier stage into ``run_dir`` (resuming it if needed) unless it has finished.
+
+    The nested run reads the same data sources and precision as this one; its training budget
+    and architecture come from ``config_path``, with ``extra`` overrides on top.
+    """
+    if (run_dir / "final" / "config.json").exists():
+        return
+    from mm.train.trainer import train
+
+    d = cfg.data
+    overrides = [f"run.dir={run_dir}", f"run.seed={cfg.run.seed}", f"run.stage={stage}",
+                 f"train.mixed_precision={cfg.train.mixed_precision}",
+                 f"data.train={_as_override(d.train)}", f"data.val={_as_override(d.val)}",
+                 f"data.image_size={d.image_size}", f"data.shapes_train={d.shapes_train}",
+                 f"data.shapes_val={d.shapes_val}", f"data.num_workers={d.num_workers}"]
+    if d.shapes_cache:
+        overrides.append(f"data.shapes_cache={d.shapes_cache}")
+    print(f"mm: training the {stage} stage first ({config_path} -> {run_dir})", flush=True)
+    train(load_config(config_path, overrides + extra))
+
+
+def ensure_init(cfg: Config, run_dir: Path) -> Config:
+    """VQA fine-tuning starts from a pretrained model: run.init_from, or pretrain first."""
+    if cfg.run.stage != "vqa" or cfg.run.init_from:
+        if cfg.run.init_from:
+            init_folder(cfg.run.init_from)  # a clear error now rather than deep in the task
+        return cfg
+    if not cfg.vqa.pretrain_config:
+        raise MMError("VQA fine-tuning needs a pretrained model: set run.init_from=RUN_OR_MODEL_DIR "
+                      "or vqa.pretrain_config=PRETRAIN.yaml to pretrain first")
+    pre_run = run_dir / "pretrain"
+    run_first(cfg, cfg.vqa.pretrain_config, pre_run, "pretrain", [])
+    cfg = copy.deepcopy(cfg)
+    cfg.run.init_from = str(pre_run / "final")
     return cfg
 
 

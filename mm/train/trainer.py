@@ -30,7 +30,7 @@ from mm.errors import MMError
 from mm.train import checkpoint as ckpt
 from mm.train.logger import RunLogger
 from mm.train.optim import EMA, lr_at, make_optimizer, set_lr
-from mm.train.setup import (ensure_tokenizer, ensure_vq, make_accelerator, make_loader, make_task,
+from mm.train.setup import (ensure_init, ensure_tokenizer, ensure_vq, make_accelerator, make_loader, make_task,
                             prepare_run_dir, resolve_sources)
 
 
@@ -109,6 +109,7 @@ class Trainer:
         self.run_dir = prepare_run_dir(cfg, self.acc)
         self.data_cfg = resolve_sources(cfg, self.acc)
         self.data_cfg = ensure_vq(self.data_cfg, self.run_dir)
+        self.data_cfg = ensure_init(self.data_cfg, self.run_dir)
         self.data_cfg = ensure_tokenizer(self.data_cfg, self.run_dir, self.acc)
         self.task = make_task(self.data_cfg)
         if hasattr(self.task, "setup"):

@@ -2,6 +2,7 @@
 
 import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -92,6 +93,21 @@ def test_inspect_counts_truncated_shard_and_bad_samples(tmp_path, capsys):
     assert main(["data", "inspect", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "broken shard shards-000001.tar" in printed and "sizes.json says 12" in printed
+
+
+def test_inspect_finds_a_shard_cut_at_a_member_boundary_without_sizes_json(tmp_path):
+    out = tmp_path / "cut"
+    with ShardWriter(out, samples_per_shard=2) as w:
+        for i in range(4):
+            w.write({"__key__": f"{i:06d}", "png": png((i, i, i)), "txt": f"caption {i}"})
+    (out / "sizes.json").unlink()
+    first = out / "shards-000000.tar"
+    data = first.read_bytes()
+    members = [m.offset_data + ((m.size + 511) // 512) * 512 for m in tarfile.open(first).getmembers()]
+    first.write_bytes(data[: members[1]])  # the first sample's png + txt, nothing after
+    report = inspect_shards(str(out))
+    assert report["samples"] == 3 and report["problems"] == {} and report["sizes_json_samples"] is None
+    assert list(report["broken_shards"]) == ["shards-000000.tar"]
 
 
 def test_inspect_errors(tmp_path, capsys):

@@ -1,0 +1,135 @@
+"""The pretraining objectives: ITC against explicit loops, hard-negative sampling rules, CFG
+dropout, KV-cached T2I logits, and each objective's loss falling on a tiny overfit."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mm.tasks import objectives as obj
+from mm.tasks.pretrain import PretrainTask
+
+from pretrain_util import make_batch, tiny_config
+
+
+def naive_itc(img, txt, scale):
+    """InfoNCE both ways with explicit Python loops over rows and columns."""
+    n = img.shape[0]
+    total = 0.0
+    for i in range(n):
+        row = [scale * float(img[i] @ txt[j]) for j in range(n)]  # image i against every text
+        col = [scale * float(txt[i] @ img[j]) for j in range(n)]  # text i against every image
+        lse_r = math.log(sum(math.exp(v) for v in row))
+        lse_c = math.log(sum(math.exp(v) for v in col))
+        total += 0.5 * ((lse_r - row[i]) + (lse_c - col[i]))
+    return total / n
+
+
+def test_itc_loss_equals_naive_reference():
+    img = F.normalize(torch.randn(6, 5, dtype=torch.float64), dim=-1)
+    txt = F.normalize(torch.randn(6, 5, dtype=torch.float64), dim=-1)
+    loss, metrics, logits_i2t, logits_t2i = obj.itc_loss(img, txt, torch.tensor(7.5))
+    assert loss.item() == pytest.approx(naive_itc(img, txt, 7.5), rel=1e-5)
+    assert logits_i2t.shape == logits_t2i.shape == (6, 6)
+    assert torch.allclose(logits_i2t, logits_t2i.t())
+    perfect = obj.itc_loss(img, img, torch.tensor(100.0))[1]["itc_acc"]
+    assert perfect == 1.0
+
+
+def test_same_text_marks_identical_token_sequences():
+    ids = torch.tensor([[1, 5, 6, 2, 0], [1, 5, 6, 2, 0], [1, 5, 7, 2, 0]])
+    mask = ids != 0
+    mask[1, 4] = False
+    same = obj.same_text(ids, mask, ids, mask)
+    assert same.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+
+
+def test_hard_negatives_never_pick_the_positive_nor_an_identical_caption():
+    torch.manual_seed(1)
+    captions = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4])  # caption ids: duplicates must be excluded
+    excluded = captions[:, None] == captions[None, :]  # (B, G), includes the diagonal
+    logits = torch.randn(8, 8) * 5
+    logits.fill_diagonal_(50.0)  # the positive is by far the most similar: still never drawn
+    logits[1, 2] = 40.0  # identical caption: likewise
+    for _ in range(200):
+        for hard in (True, False):
+            idx = obj.sample_negatives(logits, excluded, hard)
+            assert (idx >= 0).all()
+            assert not excluded[torch.arange(8), idx].any()
+
+
+def test_hard_negatives_follow_the_softmax_of_allowed_columns():
+    torch.manual_seed(0)
+    logits = torch.tensor([[9.0, 1.0, 0.0, math.log(3.0)]]).repeat(4000, 1)
+    excluded = torch.tensor([[True, False, False, False]]).repeat(4000, 1)
+    idx = obj.sample_negatives(logits, excluded)
+    freq = torch.bincount(idx, minlength=4).float() / len(idx)
+    p = torch.softmax(torch.tensor([1.0, 0.0, math.log(3.0)]), 0)
+    assert freq[0] == 0
+    assert torch.allclose(freq[1:], p, atol=0.03)
+
+
+def test_rows_without_any_allowed_negative_give_minus_one():
+    excluded = torch.ones(3, 3, dtype=torch.bool)
+    excluded[2, 0] = False
+    idx = obj.sample_negatives(torch.randn(3, 3), excluded)
+    assert idx.tolist() == [-1, -1, 0]
+
+
+def test_cfg_dropout_uses_the_global_rng_and_the_null_context(tmp_path):
+    task = PretrainTask(tiny_config(tmp_path))
+    m = task.model
+    states, mask = torch.randn(5, 7, 32), torch.ones(5, 7, dtype=torch.bool)
+    mask[:, 5:] = False
+    s0, m0, d0 = obj.cfg_drop(m, states, mask, 0.0)
+    assert not d0.any() and torch.equal(s0, states) and torch.equal(m0, mask)
+    s1, m1, d1 = obj.cfg_drop(m, states, mask, 1.0)
+    null_states, null_mask = m.null_context(5, 7)
+    assert d1.all() and torch.equal(s1, null_states) and torch.equal(m1, null_mask)
+    torch.manual_seed(3)
+    _, _, dropped = obj.cfg_drop(m, states, mask, 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(dropped, torch.rand(5) < 0.5)  # draws come from torch's global RNG
+
+
+def test_t2i_logits_with_kv_cache_equal_full_forward(tmp_path):
+    task = PretrainTask(tiny_config(tmp_path))
+    m = task.model.eval()
+    batch = make_batch(task.tokenizer, 3)
+    with torch.no_grad():
+        states, mask = m.encode_text(batch["input_ids"], batch["attention_mask"])
+        codes = torch.randint(0, m.config.codebook_size, (3, *m.config.code_grid))
+        full = m.t2i_logits(codes, states, mask)  # (B, N, K)
+        for kind in ("static", "dynamic"):
+            logits, state = m.t2i_prefill(states, mask, cache=kind)
+            steps = [logits]
+            flat = codes.flatten(1)
+            for n in range(flat.shape[1] - 1):
+                steps.append(m.t2i_step(flat[:, n], state))
+            assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5), kind
+
+
+def overfit(task, batch, steps=12, lr=3e-3):
+    opt = torch.optim.AdamW(task.model.parameters(), lr=lr, weight_decay=0.0)
+    history = []
+    for step in range(steps):
+        loss, metrics = task.loss(batch, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(float(loss))
+    return history, metrics
+
+
+@pytest.mark.parametrize("name", ["itc", "itm", "caption", "t2i"])
+def test_each_objective_loss_falls_on_a_tiny_overfit(tmp_path, name):
+    weights = {n: float(n == name) for n in ("itc", "itm", "caption", "t2i")}
+    task = PretrainTask(tiny_config(tmp_path, **weights))
+    batch = make_batch(task.tokenizer, 8, start=0)
+    assert len(set(batch["caption"])) == 8  # distinct captions: ITC can reach a low loss
+    if name == "t2i":
+        task.cfg.objectives.cfg_dropout = 0.0
+    history, metrics = overfit(task, batch, steps=15 if name == "itm" else 12, lr=5e-3 if name == "itm" else 3e-3)
+    assert set(k for k in metrics if k.startswith("loss_")) == {f"loss_{name}"}  # others not computed
+    assert history[-1] < 0.7 * history[0], history
