@@ -98,6 +98,8 @@ def inspect_shards(spec: str, num: int = 16, grid: str | Path = "") -> dict:
         expected = sizes.get(url)
         if errors or (expected is not None and count < expected):
             broken[name] = errors[0] if errors else f"{count} samples, sizes.json says {expected}"
+        elif not _tar_complete(url):
+            broken[name] = "no end-of-archive marker: the file was cut short"
     report = {
         "shards": len(urls), "samples": samples,
         "sizes_json_samples": None if any(v is None for v in sizes.values()) else sum(sizes.values()),
@@ -115,6 +117,23 @@ def inspect_shards(spec: str, num: int = 16, grid: str | Path = "") -> dict:
         contact_sheet(cells).save(grid, format="PNG")
         report["grid"] = str(grid)
     return report
+
+
+def _tar_complete(url: str) -> bool:
+    """False for a local tar that lacks the two zero blocks every finished tar ends with.
+
+    A tar cut at a member boundary reads without any error; this catches it even without
+    ``sizes.json``. Non-local URLs are assumed complete.
+    """
+    path = Path(url)
+    if url.startswith("pipe:") or "://" in url or not path.is_file():
+        return True
+    size = path.stat().st_size
+    if size < 1024 or size % 512:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
 
 
 def _thumbnail(image):
