@@ -88,6 +88,8 @@ def check_sample(sample: dict, mode: str) -> str | None:
         qa = sample["meta"].get("qa")
         if not isinstance(qa, list) or not qa:
             return "no_questions"
+        if not all(isinstance(q, dict) and isinstance(q.get("answers", []), list) for q in qa):
+            return "bad_json"
     return None
 
 

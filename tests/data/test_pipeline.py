@@ -234,6 +234,10 @@ def test_vqa_mode_one_item_per_question(tmp_path):
     assert train.batches_per_epoch == 21 // 4
     noqa = make_loader([str(write_shards(tmp_path / "c", [2])[0])], batch_size=1, seed=0, train=False, mode="vqa")
     assert list(noqa) == [] and noqa.skipped == {"no_questions": 2}
+    with ShardWriter(tmp_path / "d", "shards") as w:
+        w.write({"__key__": "oddqa", "png": png(0), "txt": "x", "json": {"qa": ["not a dict"]}})
+    odd = make_loader([str(tmp_path / "d")], batch_size=1, seed=0, train=False, mode="vqa")
+    assert list(odd) == [] and odd.skipped == {"bad_json": 1}
 
 
 def test_codes_passthrough(tmp_path):
