@@ -1,0 +1,286 @@
+"""Sampling VQ codes from MMModel: cached decoding, classifier-free guidance, seeds per sample.
+
+One image is N = h·w codes in raster order. With a KV cache every step feeds only the code just
+chosen; cross-attention keys/values of the text are computed once, at the prefill.
+
+    logits, state = model.t2i_prefill(context (B', Lt, D), mask)   # start token → logits of code 0
+    for n in 0 … N-1:
+        next = pick(logits, scale[n], seeds, n)                    # guidance → filter → noise → argmax
+        logits = model.t2i_step(next, state)                       # (skipped after the last code)
+
+Classifier-free guidance runs the conditional and unconditional branches as ONE batch of 2B
+rows (rows B…2B-1 see the null context or the negative prompt), then
+
+    guided = cond + (s - 1) · (cond - uncond)
+
+which is the usual ``uncond + s·(cond - uncond)`` written so that s = 1 returns ``cond`` bit for
+bit. The scale s may change with the code index: constant, a linear ramp from 1 to s, and/or
+guidance only inside a code interval [start, end).
+
+Randomness is counter-based: the noise for sample i at code n is a hash of (seed_i, n, code id),
+not a draw from a shared generator. An image therefore depends only on its prompt and its seed —
+never on the batch size or its position in the batch — and the noise is the same on CPU and CUDA.
+We sample with the Gumbel-max trick: argmax(logits/T + Gumbel) is an exact draw from
+softmax(logits/T); top-k/top-p set filtered logits to -inf so they are never chosen.
+
+The step has no data-dependent Python control flow and no host-device sync, so it runs under
+``torch.compile(fullgraph=True)``; with the static cache its shapes never change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mm.errors import MMError
+
+MASK32 = 0xFFFFFFFF
+MAX_IMAGES = 1024  # a larger request is almost surely a typo (and would not fit in memory)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each token. Defaults: guidance 3, no top-k/top-p filtering, temperature 1."""
+
+    guidance_scale: float = 3.0
+    guidance_schedule: str = "constant"  # constant | linear (ramps from 1 at the first code to s at the last)
+    guidance_interval: tuple[int, int] | None = None  # guide only codes start <= n < end
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    temperature: float = 1.0
+
+    def check(self) -> "SamplingParams":
+        s = self.guidance_scale
+        if not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
+            raise MMError(f"guidance scale must be a finite number >= 0 (1 = no guidance), got {s}")
+        if self.guidance_schedule not in ("constant", "linear"):
+            raise MMError(f"guidance schedule must be 'constant' or 'linear', got {self.guidance_schedule!r}")
+        if self.guidance_interval is not None:
+            start, end = self.guidance_interval
+            if start < 0 or end <= start:
+                raise MMError(f"guidance interval must be [start, end) with 0 <= start < end, got {self.guidance_interval}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise MMError(f"top-k must be an integer >= 0 (0 = off), got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise MMError(f"top-p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise MMError(f"temperature must be > 0 (use top-k 1 for greedy), got {self.temperature}")
+        return self
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.guidance_scale != 1.0
+
+
+def guidance_scales(params: SamplingParams, num_tokens: int, device=None) -> Tensor:
+    """Scale for each code index, (N,) float32."""
+    s = float(params.guidance_scale)
+    if params.guidance_schedule == "linear" and num_tokens > 1:
+        scales = 1.0 + (s - 1.0) * torch.arange(num_tokens, dtype=torch.float64) / (num_tokens - 1)
+    else:
+        scales = torch.full((num_tokens,), s, dtype=torch.float64)
+    if params.guidance_interval is not None:
+        start, end = params.guidance_interval
+        n = torch.arange(num_tokens)
+        scales = torch.where((n >= start) & (n < end), scales, torch.ones_like(scales))
+    return scales.float().to(device)
+
+
+def seeds_tensor(seeds, batch: int, device=None) -> Tensor:
+    """An int seed (sample i gets seed + i) or one seed per sample → (B,) int64 on ``device``."""
+    if isinstance(seeds, Tensor):
+        seeds = seeds.tolist()
+    if isinstance(seeds, int):
+        seeds = [seeds + i for i in range(batch)]
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != batch:
+        raise MMError(f"got {len(seeds)} seeds for {batch} samples; give one seed, or one per sample")
+    if any(s < 0 or s >= 2**63 for s in seeds):
+        raise MMError(f"seeds must be integers in [0, 2^63), got {seeds}")
+    return torch.tensor(seeds, dtype=torch.long, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counter-based noise and token choice
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2^32.
+
+    Multipliers are < 2^31, so products stay below 2^63: no signed overflow on any backend.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & MASK32
+    return x ^ (x >> 16)
+
+
+def _combine(h: Tensor, v: Tensor) -> Tensor:
+    return _mix32((h ^ ((_mix32(v & MASK32) + 0x9E3779B9) & MASK32)) & MASK32)
+
+
+def uniform_noise(seeds: Tensor, position: Tensor | int, vocab: int) -> Tensor:
+    """Uniform numbers in (0, 1), (B, vocab) float32, a pure function of (seed, position, index)."""
+    position = torch.as_tensor(position, dtype=torch.long, device=seeds.device)
+    h = _combine(_mix32(seeds & MASK32), (seeds >> 32) & MASK32)  # (B,) key of the sample
+    h = _combine(h, position.expand_as(h))  # (B,) key of this step
+    idx = torch.arange(vocab, device=seeds.device)
+    h = _combine(h[:, None], idx[None, :])  # (B, V)
+    h = _mix32(h ^ (h >> 7))  # one more round: neighbouring indices share no structure
+    return ((h >> 8).float() + 0.5) * (1.0 / 16777216.0)  # 24 random bits → (0, 1)
+
+
+def gumbel_noise(seeds: Tensor, position: Tensor | int, vocab: int) -> Tensor:
+    return -torch.log(-torch.log(uniform_noise(seeds, position, vocab)))
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf. (.., V) -> (.., V).
+
+    top-k keeps ties with the k-th value. top-p keeps the smallest set of most likely tokens whose
+    probability reaches p (the most likely token is always kept).
+    """
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (.., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability mass of the tokens ranked above
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def choose(logits: Tensor, seeds: Tensor, position: Tensor | int, params: SamplingParams) -> Tensor:
+    """Sample one token per row of logits (B, V) with its own seed → (B,) long."""
+    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    return (logits + gumbel_noise(seeds, position, logits.shape[-1])).argmax(dim=-1)
+
+
+def guide(logits: Tensor, scale: Tensor) -> Tensor:
+    """(2B, K) logits [cond; uncond] → (B, K) guided: cond + (s - 1)(cond - uncond)."""
+    cond, uncond = logits.float().chunk(2, dim=0)
+    return cond + (scale - 1.0) * (cond - uncond)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image codes
+
+
+def cfg_context(cond: tuple[Tensor, Tensor], uncond: tuple[Tensor, Tensor] | None, model) -> tuple[Tensor, Tensor]:
+    """Stack [cond; uncond] text states and masks into one 2B batch (uncond None = null context)."""
+    states, mask = cond
+    if uncond is None:
+        uncond = model.null_context(states.shape[0], max(states.shape[1], model.config.null_context_len))
+    u_states, u_mask = uncond
+    length = max(states.shape[1], u_states.shape[1])
+
+    def pad(s: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:  # right-pad to a common length, mask False
+        extra = length - s.shape[1]
+        if extra:
+            s = torch.cat([s, s.new_zeros(s.shape[0], extra, s.shape[2])], dim=1)
+            m = torch.cat([m, m.new_zeros(m.shape[0], extra)], dim=1)
+        return s, m
+
+    states, mask = pad(states, mask)
+    u_states, u_mask = pad(u_states.to(states.dtype), u_mask)
+    return torch.cat([states, u_states]), torch.cat([mask, u_mask])
+
+
+def decode_step(model, prev: Tensor, state, seeds: Tensor, position: Tensor, scale: Tensor,
+                params: SamplingParams, cfg: bool) -> Tensor:
+    """Feed the codes just chosen (B,), return the next ones (B,). Compile-friendly: no syncs."""
+    if cfg:
+        prev = torch.cat([prev, prev])  # both branches continue from the same code
+    logits = model.t2i_step(prev, state)  # (B' , K)
+    if cfg:
+        logits = guide(logits, scale)
+    return choose(logits, seeds, position, params)
+
+
+_COMPILED: dict = {}
+
+
+def _step_fn(compile: bool | str):
+    """The decode step, compiled once per backend (``compile=True`` = inductor, or a backend name)."""
+    if not compile:
+        return decode_step
+    backend = "inductor" if compile is True else str(compile)
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(decode_step, backend=backend, fullgraph=True, dynamic=False)
+    return _COMPILED[backend]
+
+
+@torch.no_grad()
+def sample_codes(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor, params: SamplingParams,
+                 uncond: tuple[Tensor, Tensor] | None = None, cache: str = "static",
+                 compile: bool | str = False, progress=None) -> Tensor:
+    """Sample (B, h, w) VQ codes.
+
+    text: (states (B, Lt, D), mask (B, Lt)) from ``model.encode_text``, or None for unconditional
+    samples; uncond: the negative prompt's (states, mask) for the unconditional branch (default:
+    the null context); seeds (B,) int64, one per sample; progress: a callable called once per code;
+    compile: True (inductor) or a torch.compile backend name for the per-code step.
+    """
+    params.check()
+    h, w = model.config.code_grid
+    n_codes, batch = h * w, seeds.shape[0]
+    cfg = text is not None and params.uses_guidance
+    if text is None:
+        states, mask = model.null_context(batch)
+    elif cfg:
+        states, mask = cfg_context(text, uncond, model)  # (2B, Lt, D), (2B, Lt)
+    else:
+        states, mask = text
+    scales = guidance_scales(params, n_codes, seeds.device)  # (N,)
+    positions = torch.arange(n_codes, device=seeds.device)  # (N,) tensors: no recompiles per step
+    step = _step_fn(compile)
+
+    logits, state = model.t2i_prefill(states, mask, cache=cache)  # (B', K) for code 0
+    if cfg:
+        logits = guide(logits, scales[0])
+    codes = [choose(logits, seeds, positions[0], params)]
+    if progress is not None:
+        progress()
+    for n in range(1, n_codes):
+        codes.append(step(model, codes[-1], state, seeds, positions[n], scales[n], params, cfg))
+        if progress is not None:
+            progress()
+    return torch.stack(codes, dim=1).view(batch, h, w)
+
+
+@torch.no_grad()
+def sample_codes_uncached(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor,
+                          params: SamplingParams, uncond: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """The reference sampler: every step recomputes the whole prefix with no cache (O(N²) work).
+
+    Codes not yet chosen are zeros; causal attention means row n never sees them.
+    """
+    params.check()
+    h, w = model.config.code_grid
+    n_codes, batch = h * w, seeds.shape[0]
+    cfg = text is not None and params.uses_guidance
+    if text is None:
+        states, mask = model.null_context(batch)
+    elif cfg:
+        states, mask = cfg_context(text, uncond, model)
+    else:
+        states, mask = text
+    scales = guidance_scales(params, n_codes, seeds.device)
+    codes = torch.zeros(states.shape[0], n_codes, dtype=torch.long, device=seeds.device)
+    for n in range(n_codes):
+        logits = model.t2i_logits(codes.view(-1, h, w), states, mask)[:, n]  # (B', K)
+        if cfg:
+            logits = guide(logits, scales[n])
+        chosen = choose(logits, seeds, n, params)  # (B,)
+        codes[:, n] = torch.cat([chosen, chosen]) if cfg else chosen
+    return codes[:batch].view(batch, h, w)
