@@ -70,10 +70,13 @@ def causal_mask(tq: int, tk: int, q_start: Tensor | int, device: torch.device) -
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
-           is_causal: bool = False, dropout_p: float = 0.0) -> Tensor:
-    """softmax(Q Kᵀ / √d) V on (B, H, T, d) tensors; a fully masked query row gives zeros."""
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p)
+           is_causal: bool = False, dropout_p: float = 0.0, rows_may_be_empty: bool = True) -> Tensor:
+    """softmax(Q Kᵀ / √d) V on (B, H, T, d) tensors; a fully masked query row gives zeros.
+
+    ``rows_may_be_empty=False`` (e.g. a causal mask alone: every query sees key 0) skips the guard.
+    """
+    if mask is None or not rows_may_be_empty:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
     # Rows with no visible key: let them attend everywhere (finite softmax), then zero them.
     # Some SDPA backends return NaN for such rows; this makes every backend give 0.
     keep = mask.any(dim=-1, keepdim=True)  # (.., Tq, 1)
@@ -166,7 +169,8 @@ class Attention(nn.Module):
             c = causal_mask(tq, tk, causal_from, x.device)  # (Tq, Tk)
             mask = c if mask is None else mask & c
         p = self.dropout if self.training else 0.0
-        y = attend(q, k, v, mask, is_causal=is_causal, dropout_p=p)  # (B, H, Tq, d)
+        user_mask = key_mask is not None or attn_mask is not None  # only these can empty a row
+        y = attend(q, k, v, mask, is_causal=is_causal, dropout_p=p, rows_may_be_empty=user_mask)  # (B, H, Tq, d)
         y = y.transpose(1, 2).reshape(b, tq, self.dim)  # concatenate heads
         return self.out(y)
 
