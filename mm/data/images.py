@@ -72,7 +72,7 @@ def _open_and_load(data: bytes, max_pixels: int, draft_size: int) -> tuple[Image
         im = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageSkip(BOMB, str(e)) from None
-    except Exception as e:  # UnidentifiedImageError, and broken headers raise all kinds
+    except Exception as e:  # noqa: BLE001 - UnidentifiedImageError; broken headers raise all kinds
         raise ImageSkip(NOT_AN_IMAGE, f"{type(e).__name__}: {e}") from None
     w, h = im.size
     if w * h > max_pixels:  # also covers formats that do not check on open
@@ -87,7 +87,7 @@ def _open_and_load(data: bytes, max_pixels: int, draft_size: int) -> tuple[Image
         im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageSkip(BOMB, str(e)) from None
-    except Exception as e:  # truncated data: OSError; broken streams: many others
+    except Exception as e:  # noqa: BLE001 - truncated data: OSError; broken streams: many others
         raise ImageSkip(TRUNCATED, f"{type(e).__name__}: {e}") from None
     return im, (w, h)
 
@@ -96,7 +96,7 @@ def exif_transpose(im: Image.Image) -> Image.Image:
     """Apply the EXIF orientation tag; a broken EXIF block leaves the image as stored."""
     try:
         return ImageOps.exif_transpose(im)
-    except Exception:
+    except Exception:  # noqa: BLE001 - malformed EXIF must not cost the image
         return im
 
 
@@ -110,8 +110,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if mode.startswith("I;16") or mode in ("I", "F"):
         return Image.fromarray(_to_uint8(im)).convert("RGB")
     try:
-        return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, HSV ...
-    except Exception as e:
+        return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV ...
+    except Exception as e:  # noqa: BLE001 - a mode PIL cannot convert is a skip reason
         raise ImageSkip(UNSUPPORTED_MODE, f"mode {mode}: {e}") from None
 
 

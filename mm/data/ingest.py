@@ -173,7 +173,12 @@ def _read_table(path: Path):
     try:
         with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
             if suffix in (".csv", ".tsv"):
-                yield from csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                try:
+                    yield from reader
+                except csv.Error as e:  # broken quoting: the rest of the file cannot be trusted
+                    raise MMError(f"{path} near line {reader.line_num + 1}: {e}; "
+                                  "fix the CSV or convert it to JSONL") from None
             elif suffix == ".json":
                 try:
                     data = json.load(f)
@@ -348,8 +353,8 @@ def _check_options(out: Path, resize, quality, samples_per_shard, workers, max_p
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"ingested {s['ingested']} samples from {s['kind']} {s['source']} into "
-             f"{s['shards']} shard(s) in {s['out']}",
+    lines = [(f"ingested {s['ingested']} samples from {s['kind']} {s['source']} into "
+              f"{s['shards']} shard(s) in {s['out']}"),
              f"skipped {s['skipped_total']}" + (":" if s["skipped"] else "")]
     for reason, n in s["skipped"].items():
         lines.append(f"  {reason:<22} {n:>8}   e.g. {', '.join(s['skipped_examples'][reason][:2])}")

@@ -15,9 +15,13 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mm.data.images import ImageSkip, open_image, to_rgb
 from mm.errors import MMError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 THUMB = 128  # contact sheet: image cell side in pixels
@@ -163,7 +167,7 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
     return lines
 
 
-def contact_sheet(cells: list) -> "Image.Image":
+def contact_sheet(cells: list) -> Image.Image:
     """A grid of (thumbnail, caption) cells, captions written under the images."""
     from PIL import Image, ImageDraw, ImageFont
 

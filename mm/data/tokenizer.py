@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from mm.errors import MMError
 
@@ -150,7 +150,7 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
 
     try:
         hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:  # transformers raises many kinds for broken folders
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for broken folders
         raise MMError(f"cannot load the tokenizer in {path}: {str(e).splitlines()[0]}") from None
     return TextTokenizer(hf, str(path))
 

@@ -17,7 +17,6 @@ from mm.data.images import load_rgb
 from mm.data.ingest import ingest
 from mm.errors import MMError
 
-
 # ----------------------------------------------------------------------------- helpers
 
 def png_bytes(im: Image.Image, **kw) -> bytes:

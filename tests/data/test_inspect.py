@@ -103,7 +103,8 @@ def test_inspect_finds_a_shard_cut_at_a_member_boundary_without_sizes_json(tmp_p
     (out / "sizes.json").unlink()
     first = out / "shards-000000.tar"
     data = first.read_bytes()
-    members = [m.offset_data + ((m.size + 511) // 512) * 512 for m in tarfile.open(first).getmembers()]
+    with tarfile.open(first) as tar:
+        members = [m.offset_data + ((m.size + 511) // 512) * 512 for m in tar.getmembers()]
     first.write_bytes(data[: members[1]])  # the first sample's png + txt, nothing after
     report = inspect_shards(str(out))
     assert report["samples"] == 3 and report["problems"] == {} and report["sizes_json_samples"] is None
