@@ -264,3 +264,22 @@ def test_crop_is_a_function_of_the_seed_only():
     assert crop_box(40, 30, False, 0) == (5, 0, 35, 30)
     img = load_image(png(3, size=8), 8)
     assert np.array_equal(img, np.asarray(Image.open(io.BytesIO(png(3, size=8)))))
+
+
+def test_builtin_shapes_with_the_real_tokenizer(shapes_shards, tmp_path):
+    from mm.data.tokenizer import load_tokenizer, train_tokenizer
+
+    val = str(shapes_shards / "val")
+    captions = [c for b in make_loader([val], batch_size=8, seed=0, train=False) for c in b["caption"]]
+    tok = load_tokenizer(train_tokenizer(captions, 300, tmp_path / "tok"))
+    vqa = make_loader([val], batch_size=8, seed=0, train=False, mode="vqa", tokenizer=tok, num_workers=2)
+    batches = list(vqa)
+    expected = sum(len(m["qa"]) for b in make_loader([val], batch_size=8, seed=0, train=False) for m in b["meta"])
+    assert sum(len(b["question"]) for b in batches) == expected and vqa.skipped == {}
+    assert all(len(a) == 10 for b in batches for a in b["answers"])
+    b = batches[0]
+    assert b["question_mask"].any(1).all() and tok.decode(b["question_ids"][0]) == b["question"][0]
+    train = make_loader([str(shapes_shards / "train")], batch_size=8, seed=0, tokenizer=tok, augment=True,
+                        text_max_len=96)
+    batch = next(iter(train))
+    assert train.batches_per_epoch == 64 // 8 and tok.decode(batch["input_ids"][0]) == batch["caption"][0]
