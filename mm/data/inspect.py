@@ -112,7 +112,7 @@ def inspect_shards(spec: str, num: int = 16, grid: str | Path = "") -> dict:
         "caption_words": ({"min": min(words), "mean": round(sum(words) / len(words), 2), "max": max(words)}
                           if words else None),
         "image_sizes": dict(image_sizes.most_common(5)), "qa_questions": qa_questions,
-        "examples": examples,
+        "examples": examples, "ingest_skipped": _ingest_skipped(urls),
     }
     if grid:
         if not cells:
@@ -121,6 +121,17 @@ def inspect_shards(spec: str, num: int = 16, grid: str | Path = "") -> dict:
         contact_sheet(cells).save(grid, format="PNG")
         report["grid"] = str(grid)
     return report
+
+
+def _ingest_skipped(urls: list[str]) -> dict | None:
+    """Skip counts from the ``ingest_summary.json`` that ``mm data ingest`` left beside the shards."""
+    if not urls or urls[0].startswith("pipe:") or "://" in urls[0]:
+        return None
+    path = Path(urls[0]).parent / "ingest_summary.json"
+    try:
+        return json.loads(path.read_text()).get("skipped") if path.exists() else None
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _tar_complete(url: str) -> bool:
@@ -199,6 +210,8 @@ def format_report(r: dict) -> str:
         lines.append(f"  {problem:<18} {n}")
     for name, why in r["broken_shards"].items():
         lines.append(f"broken shard {name}: {why}")
+    if r.get("ingest_skipped"):
+        lines.append("skipped at ingest: " + ", ".join(f"{k} {v}" for k, v in r["ingest_skipped"].items()))
     if r["caption_words"]:
         c = r["caption_words"]
         lines.append(f"caption words  min {c['min']}  mean {c['mean']}  max {c['max']}")

@@ -48,6 +48,8 @@ def test_inspect_good_set(good_set, tmp_path, capsys):
     assert report["caption_words"] == {"min": 1, "mean": 3.75, "max": 7}
     assert report["examples"] == ["a red circle", "two blue squares above a green triangle", "one"]
     assert report["image_sizes"] == {"16x16": 4} and report["qa_questions"] == 2
+    assert report["ingest_skipped"] is None
+    (good_set / "ingest_summary.json").write_text(json.dumps({"skipped": {"not_an_image": 3}}))
 
     sheet = Image.open(tmp_path / "sheets" / "grid.png")
     assert sheet.mode == "RGB" and sheet.width == 2 * (128 + 12)  # 3 cells -> 2 columns, 2 rows
@@ -61,6 +63,7 @@ def test_inspect_good_set(good_set, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "samples  4" in out and "caption words  min 1  mean 3.75  max 7" in out
     assert "  a red circle" in out and "one" not in out.split("examples:")[1]
+    assert "skipped at ingest: not_an_image 3" in out
 
 
 def test_inspect_counts_truncated_shard_and_bad_samples(tmp_path, capsys):
