@@ -106,14 +106,15 @@ def read_shard(url: str, counts: Counter | None, expected: int | None = None):
             yield current
         if short and counts is not None:
             counts["truncated_shard"] += 1
-    except Exception as exn:  # the partial sample at the break is dropped with the rest
+    except Exception as exn:  # noqa: BLE001 - tarfile, gzip and pipes raise many kinds; the partial
+        # sample at the break is dropped with the rest
         if counts is not None:
             counts[_shard_error(exn)] += 1
     finally:
         try:
             if stream is not None:
                 stream.close()
-        except Exception:  # a pipe: closed early reports a broken pipe; nothing to do
+        except Exception:  # noqa: BLE001, S110 - a pipe: closed early reports a broken pipe
             pass
 
 
@@ -277,7 +278,7 @@ def _collate(plan: _Plan, items: list[dict], epoch: int, counts: Counter) -> dic
     for item in items:
         try:
             decoded.append(_decode(plan, item, epoch))
-        except Exception:
+        except Exception:  # noqa: BLE001 - PIL and numpy raise many kinds for broken data
             counts["decode_error"] += 1
             decoded.append(None)
     good = [i for i, d in enumerate(decoded) if d is not None]

@@ -51,7 +51,7 @@ def _check_image(data: bytes) -> str | None:
                 im.verify()  # PNG: walks every chunk and checks its CRC, so truncation shows up
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return "decompression_bomb"
-    except Exception:
+    except Exception:  # noqa: BLE001 - UnidentifiedImageError, SyntaxError, OSError, …
         return "not_image"
     # JPEG verify() reads only the header; a cut-off file lacks the end-of-image marker.
     if fmt == "JPEG" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):

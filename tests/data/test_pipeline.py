@@ -174,8 +174,8 @@ def test_start_batch_equals_uninterrupted_stream(tmp_path, workers):
         for j in range(6):
             w.write(sample(f"bad_ok{j}", 100 + j))
             w.write({"__key__": f"bad_text{j}", "png": b"nope", "txt": "x"})
-    kw = dict(batch_size=3, seed=5, num_workers=workers, augment=True, shuffle_buffer=6,
-              tokenizer=ByteTokenizer(), image_size=8)
+    kw = {"batch_size": 3, "seed": 5, "num_workers": workers, "augment": True, "shuffle_buffer": 6,
+          "tokenizer": ByteTokenizer(), "image_size": 8}
     full_loader = make_loader([str(tmp_path)], **kw)
     assert full_loader.batches_per_epoch == 14  # 44 samples // 3: several epochs below
     full = list(islice(full_loader, 33))
