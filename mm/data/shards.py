@@ -50,7 +50,7 @@ class ShardWriter:
         self._tmp = self.out_dir / (name + ".tmp")
         self._stream = open(self._tmp, "wb")
         # Fixed mtime/user/group: the same samples give the same bytes.
-        self._writer = wds.TarWriter(self._stream, user="mm", group="mm", mtime=0.0)
+        self._writer = wds.TarWriter(self._stream, user="mm", group="mm", mtime=0)
         self._count = 0
 
     def _finish(self) -> None:
