@@ -219,6 +219,9 @@ class MMModel(nn.Module):
         """Run the prompt ids (B, t) (at least a BOS); return logits (B, V) for the next token."""
         b, dev = ids.shape[0], ids.device
         c = self.config
+        if max_len is not None and max_len > c.text_max_len:
+            raise MMError(f"caption max_len {max_len} is longer than the decoder's text_max_len {c.text_max_len}; "
+                          "ask for at most that many tokens")
         caches = make_caches(c.decoder_depth, cache, b, c.heads, max_len or c.text_max_len,
                              c.width // c.heads, dev, self._cache_dtype(dev))
         logits = self.decoder(ids, image_states, caches)
