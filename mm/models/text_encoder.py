@@ -11,7 +11,8 @@ Two kinds behind one interface, ``forward(input_ids, attention_mask) -> (states,
   original folder is not needed.
 
 Both end with a linear projection to the backbone width D, so the rest of the model never knows
-which encoder it has. ``pool(states, mask)`` is the masked mean used for the ITC text embedding.
+which encoder it has. ``pooled(ids, mask)`` (B, D) is the masked mean of the states, the
+pooling MMModel's ITC text embedding uses.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class BuiltinTextEncoder(nn.Module):
                 x = blk(x, key_mask=mask, rope=rope)  # padding keys are never attended to
         return self.proj(self.norm(x)), mask  # (B, L, D), (B, L)
 
+    def pooled(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(B, D) masked mean of the projected states (unnormalised; MMModel adds the ITC head)."""
+        return masked_mean(*self(input_ids, attention_mask))
+
 
 class HFTextEncoder(nn.Module):
     """A Hugging Face encoder (``last_hidden_state``) plus a trainable projection to the backbone width."""
@@ -111,6 +116,10 @@ class HFTextEncoder(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
             h = self.hf(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state  # (B, L, Dh)
         return self.proj(h), mask  # (B, L, D), (B, L)
+
+    def pooled(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(B, D) masked mean of the projected states (mean pooling, as sentence-transformers does)."""
+        return masked_mean(*self(input_ids, attention_mask))
 
     def set_grad_checkpointing(self, on: bool) -> None:
         if on and not self.freeze and hasattr(self.hf, "gradient_checkpointing_enable"):

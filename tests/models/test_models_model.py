@@ -24,8 +24,9 @@ def text(model, lengths=(5, 3, 1)):
     return ids, mask
 
 
-@pytest.mark.parametrize("kind", ["static", "dynamic"])
-def test_t2i_with_kv_cache_equals_full_forward(model, kind):
+@pytest.mark.parametrize("kind,pos", [("static", "rope2d"), ("dynamic", "rope2d"), ("static", "learned")])
+def test_t2i_with_kv_cache_equals_full_forward(kind, pos):
+    model = create_model("debug", code_grid=[3, 4], image_pos=pos).eval()
     ids, mask = text(model)
     codes = torch.randint(0, model.config.codebook_size, (B, 3, 4))
     with torch.no_grad():

@@ -37,6 +37,7 @@ def test_builtin_encoder_ignores_padding_and_checks_shapes():
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]).bool()
     states, m = enc(ids, mask)
     assert states.shape == (2, 6, 24) and torch.equal(m, mask)
+    torch.testing.assert_close(enc.pooled(ids, mask)[0], states[0, :4].mean(0))
     other = ids.clone()
     other[0, 4:] = 7  # different padding content
     torch.testing.assert_close(enc(other, mask)[0][0, :4], states[0, :4])
