@@ -9,8 +9,9 @@ For queries X (B, Tq, D) and a context C (B, Tk, Dc) (C = X for self-attention):
 
 Steps 2-4 run inside ``torch.nn.functional.scaled_dot_product_attention`` (one fused kernel,
 flash/memory-efficient on GPU). Masks are boolean with True = attend. A query row whose keys
-are all masked returns exactly zeros (and zero gradients), never NaN: that happens for padding
-queries or for an empty text context, and one NaN would poison a whole batch.
+are all masked gets exactly zero attention output (so the module returns W_o's bias for it) and
+zero gradients, never NaN: that happens for padding queries or for an empty text context, and
+one NaN would poison a whole batch.
 
 Self-attention uses one fused QKV projection (one matmul instead of three); cross-attention
 projects queries from x and fused keys/values from the context, whose width may differ.
