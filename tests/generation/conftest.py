@@ -1,16 +1,7 @@
-"""Generation tests run tiny models: one thread avoids oversubscribing the shared 2-core machine."""
+"""Generation fixtures: a tiny exported model folder with random weights (also used by tests/eval)."""
 
 import pytest
 import torch
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 CAPTIONS = ["a red circle", "two blue squares", "a green triangle above a yellow diamond",
             "three purple circles", "a cyan square in the top left"] * 4
