@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mm.tasks import objectives as obj
 from mm.tasks.pretrain import PretrainTask
 
-from pretrain_util import make_batch, tiny_config
+from .pretrain_util import make_batch, tiny_config
 
 
 def naive_itc(img, txt, scale):
