@@ -91,3 +91,46 @@ def test_torchrun_two_processes_pretrain(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))
     assert proc.stdout.count("mm: finished at step") >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The accelerate configs shipped in configs/accelerate are what `accelerate launch` expects.
+
+
+def _launch_args(name):
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    parser = launch_command_parser()
+    args = parser.parse_args(["--config_file", str(ROOT / "configs" / "accelerate" / f"{name}.yaml"),
+                              "-m", "mm", "train", CONFIG])
+    return _validate_launch_command(args)[0]
+
+
+def test_accelerate_ddp_config():
+    args = _launch_args("ddp")
+    assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed
+    assert args.num_processes >= 2 and args.num_machines == 1
+
+
+def test_accelerate_fsdp_config(monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from mm.nn.layers import Block
+
+    args = _launch_args("fsdp")
+    assert args.use_fsdp
+    env = prepare_multi_gpu_env(args)
+    for k, v in env.items():
+        if k.startswith(("FSDP_", "ACCELERATE_USE_")):
+            monkeypatch.setenv(k, v)
+    plugin = FullyShardedDataParallelPlugin()  # what Accelerator() builds from that environment
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward
+    assert plugin.transformer_cls_names_to_wrap == [Block.__name__]  # wraps mm's blocks
+    assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
+
+
+def test_accelerate_deepspeed_zero2_config():
+    args = _launch_args("deepspeed_zero2")
+    assert args.use_deepspeed and int(args.zero_stage) == 2
+    assert args.offload_optimizer_device == "none" and args.offload_param_device == "none"
