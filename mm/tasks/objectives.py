@@ -125,12 +125,14 @@ def sample_negatives(logits: Tensor, excluded: Tensor, hard: bool = True) -> Ten
     return torch.where(ok, idx, torch.full_like(idx, -1))
 
 
-def itm_loss(model, images: Tensor, text_states: Tensor, text_mask: Tensor, ids: Tensor, mask: Tensor,
-             logits_i2t: Tensor, logits_t2i: Tensor, hard: bool = True) -> tuple[Tensor, dict[str, float]]:
-    """Binary match loss on B positives, B (image, negative text) and B (negative image, text) pairs.
+def itm_pairs(images: Tensor, text_states: Tensor, text_mask: Tensor, ids: Tensor, mask: Tensor,
+              logits_i2t: Tensor, logits_t2i: Tensor, hard: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ITM pairs: B positives, then (image, hard negative text), then (hard negative image, text).
 
     images (B, C, H, W); text_states (B, L, D) and text_mask (B, L) from the encoder (local rows);
     ids/mask (B, L) token ids (for identical-caption exclusion); logits_* (B, G) from ITC.
+    Returns (images (P, C, H, W), states (P, L, D), mask (P, L), labels (P,)), label 1 = match.
+    Rows whose every candidate has the same caption get no negative.
     """
     length = ids.shape[1]
     states_all = gather_with_grad(pad_to(text_states, length))  # (G, L, D)
@@ -147,8 +149,15 @@ def itm_loss(model, images: Tensor, text_states: Tensor, text_mask: Tensor, ids:
     pair_states = torch.cat([text_states, states_all[neg_txt[has_t]], text_states[has_i]])
     pair_mask = torch.cat([text_mask, tmask_all[neg_txt[has_t]], text_mask[has_i]])
     labels = torch.zeros(len(pair_images), dtype=torch.long, device=images.device)
-    labels[: images.shape[0]] = 1  # class 1 = match
+    labels[: images.shape[0]] = 1
+    return pair_images, pair_states, pair_mask, labels
 
+
+def itm_loss(model, images: Tensor, text_states: Tensor, text_mask: Tensor, ids: Tensor, mask: Tensor,
+             logits_i2t: Tensor, logits_t2i: Tensor, hard: bool = True) -> tuple[Tensor, dict[str, float]]:
+    """Binary cross-entropy (2-way softmax) of the fused model on the pairs of ``itm_pairs``."""
+    pair_images, pair_states, pair_mask, labels = itm_pairs(images, text_states, text_mask, ids, mask,
+                                                            logits_i2t, logits_t2i, hard)
     logits = model.itm_logits(model.fuse(pair_images, pair_states, pair_mask)).float()  # (P, 2)
     loss = F.cross_entropy(logits, labels)
     acc = (logits.argmax(1) == labels).float().mean()
