@@ -294,7 +294,7 @@ def vqa_files_from_samples(samples) -> tuple[dict, dict, list]:
 def results_from_model(args: argparse.Namespace) -> tuple[list, dict, dict]:
     """Form (b): answer every shard question with the model in ``args.model``.
 
-    HOOK for the VQA model: ``mm.models.load_vqa_answerer(model_dir)`` must return a callable
+    HOOK for the VQA model: ``mm.generation.vqa.load_vqa_answerer(model_dir)`` returns a callable
     ``answer(images: list[PIL.Image.Image], questions: list[str]) -> list[str]``. Everything
     else here (reading shards, batching, building the official files) is model-independent.
     """
@@ -308,13 +308,9 @@ def results_from_model(args: argparse.Namespace) -> tuple[list, dict, dict]:
 
     from PIL import Image
 
-    import mm.models
+    import mm.generation.vqa as vqa_generation  # looked up at call time, so tests can stand in for it
 
-    load = getattr(mm.models, "load_vqa_answerer", None)
-    if load is None:
-        raise MMError("this mm has no VQA model loader (mm.models.load_vqa_answerer); "
-                      "score a results file with --predictions/--annotations/--questions instead")
-    answer = load(str(model_dir))
+    answer = vqa_generation.load_vqa_answerer(str(model_dir))
 
     batch_size = max(1, int(getattr(args, "batch_size", 64) or 64))
     keyed, answers, batch = [], [], []

@@ -237,7 +237,7 @@ def test_cli_form_b_reads_shards_and_scores_model_answers(tmp_path, monkeypatch,
 
     from PIL import Image
 
-    import mm.models
+    import mm.generation.vqa
     from mm.data.shards import ShardWriter
 
     def png():
@@ -262,7 +262,7 @@ def test_cli_form_b_reads_shards_and_scores_model_answers(tmp_path, monkeypatch,
             return ["red" if q.startswith("what color") else "two" for q in questions]
         return answer
 
-    monkeypatch.setattr(mm.models, "load_vqa_answerer", load_vqa_answerer, raising=False)
+    monkeypatch.setattr(mm.generation.vqa, "load_vqa_answerer", load_vqa_answerer)
     model = tmp_path / "model"
     model.mkdir()
     out = tmp_path / "m.json"
