@@ -276,30 +276,6 @@ def image_grid(rows: list[torch.Tensor], scale: int | None = None) -> Image.Imag
     return grid
 
 
-@torch.no_grad()
-def greedy_captions(model, tokenizer, images: torch.Tensor, max_len: int | None = None) -> list[str]:
-    """Greedy captions of (B, 3, H, W) images: BOS, then argmax tokens until EOS (KV-cached)."""
-    max_len = max_len or model.config.text_max_len
-    image_states = model.image_states(images)  # (B, Li, D), null context
-    b = images.shape[0]
-    ids = torch.full((b, 1), tokenizer.bos_id, dtype=torch.long, device=images.device)
-    logits, state = model.caption_prefill(image_states, ids, max_len=max_len)
-    tokens, done = [], torch.zeros(b, dtype=torch.bool, device=images.device)
-    for n in range(max_len - 1):
-        nxt = logits.float().argmax(-1).masked_fill(done, tokenizer.eos_id)  # (B,)
-        tokens.append(nxt)
-        done |= nxt == tokenizer.eos_id
-        if bool(done.all()) or n + 2 >= max_len:
-            break
-        logits = model.caption_step(nxt, state)
-    seqs = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(b)]
-    out = []
-    for seq in seqs:
-        seq = seq[: seq.index(tokenizer.eos_id)] if tokenizer.eos_id in seq else seq
-        out.append(tokenizer.decode(seq).strip())
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # `mm eval retrieval` and `mm eval caption`
 
@@ -391,12 +367,13 @@ def cli_eval_caption(args: argparse.Namespace) -> int:
     References are ``meta["captions"]`` when the shards have several per image, else the caption.
     """
     from mm.eval.captioning import caption_metrics
+    from mm.generation.text import generate_captions
 
     args.batch_size = getattr(args, "batch_size", 64)
     model, tokenizer, _, device, loader = _eval_setup(args)
     candidates, references, examples = [], [], []
     for batch in _take(loader, args.max_samples, device):
-        generated = greedy_captions(model, tokenizer, batch["image"])
+        generated = generate_captions(model, tokenizer, batch["image"], method="greedy")
         for gen, cap, meta in zip(generated, batch["caption"], batch["meta"]):
             refs = meta.get("captions") if isinstance(meta, dict) else None
             refs = [r for r in refs if isinstance(r, str)] if isinstance(refs, list) else []
