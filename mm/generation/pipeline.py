@@ -75,7 +75,7 @@ class TextToImagePipeline:
         self.to(device or next(model.parameters()).device)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device=None) -> "TextToImagePipeline":
+    def from_pretrained(cls, path: str | Path, device=None) -> TextToImagePipeline:
         """Load an exported folder (config.json, model.safetensors, tokenizer/, vq/) or a run folder."""
         from mm.data.tokenizer import load_tokenizer
         from mm.models.bundle import bundle_folder, load_bundle
@@ -84,7 +84,7 @@ class TextToImagePipeline:
         model, tok_dir, vq = load_bundle(folder, "cpu")
         return cls(model, vq, load_tokenizer(tok_dir), device or default_device(), source=folder)
 
-    def to(self, device) -> "TextToImagePipeline":
+    def to(self, device) -> TextToImagePipeline:
         self.device = torch.device(device)
         self.model.to(self.device)
         self.vq.to(self.device)

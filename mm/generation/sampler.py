@@ -56,7 +56,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     temperature: float = 1.0
 
-    def check(self) -> "SamplingParams":
+    def check(self) -> SamplingParams:
         s = self.guidance_scale
         if not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
             raise MMError(f"guidance scale must be a finite number >= 0 (1 = no guidance), got {s}")

@@ -8,8 +8,14 @@ import torch
 
 from mm.cli import main
 from mm.errors import MMError
-from mm.eval.t2i import (InceptionFeatures, compositional_scores, eval_prompts, feature_stats,
-                         frechet_distance, rendered_references)
+from mm.eval.t2i import (
+    InceptionFeatures,
+    compositional_scores,
+    eval_prompts,
+    feature_stats,
+    frechet_distance,
+    rendered_references,
+)
 from mm.generation.pipeline import to_pil
 from tests.generation.conftest import bundle_dir  # noqa: F401  (the tiny exported model fixture)
 

@@ -28,7 +28,7 @@ def test_images_and_per_prompt_seeds(pipe):
 
 
 def test_save_load_round_trip_generates_identical_images(pipe, tmp_path):
-    kwargs = dict(num_images_per_prompt=2, guidance_scale=2.5, top_k=10, seed=3, negative_prompt="a cyan square")
+    kwargs = {"num_images_per_prompt": 2, "guidance_scale": 2.5, "top_k": 10, "seed": 3, "negative_prompt": "a cyan square"}
     before = pipe(["a green triangle"], **kwargs)
     pipe.save_pretrained(tmp_path / "copy")
     again = TextToImagePipeline.from_pretrained(tmp_path / "copy", device="cpu")(["a green triangle"], **kwargs)
@@ -80,13 +80,13 @@ def test_control_characters_and_invalid_bytes_are_stripped(pipe):
 
 
 @pytest.mark.parametrize("kwargs,msg", [
-    (dict(num_images_per_prompt=0), "images per prompt"),
-    (dict(num_images_per_prompt=2000), "images per prompt"),
-    (dict(guidance_scale=-1.0), "guidance"),
-    (dict(top_p=0.0), "top-p"),
-    (dict(top_k=-2), "top-k"),
-    (dict(temperature=0.0), "temperature"),
-    (dict(negative_prompt=["a", "b"]), "negative prompts"),
+    ({"num_images_per_prompt": 0}, "images per prompt"),
+    ({"num_images_per_prompt": 2000}, "images per prompt"),
+    ({"guidance_scale": -1.0}, "guidance"),
+    ({"top_p": 0.0}, "top-p"),
+    ({"top_k": -2}, "top-k"),
+    ({"temperature": 0.0}, "temperature"),
+    ({"negative_prompt": ["a", "b"]}, "negative prompts"),
 ])
 def test_bad_arguments(pipe, kwargs, msg):
     with pytest.raises(MMError, match=msg):

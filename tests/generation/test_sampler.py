@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from mm.errors import MMError
-from mm.generation.sampler import (SamplingParams, choose, filter_logits, guidance_scales, sample_codes,
-                                   sample_codes_uncached, seeds_tensor, uniform_noise)
+from mm.generation.sampler import (
+    SamplingParams,
+    choose,
+    filter_logits,
+    guidance_scales,
+    sample_codes,
+    sample_codes_uncached,
+    seeds_tensor,
+    uniform_noise,
+)
 from mm.models.presets import create_model
 
 L = 8  # text length of every prompt (fixed, as the pipeline pads to the model's text length)
@@ -166,13 +174,13 @@ def test_step_compiles_without_graph_breaks(model):
 
 
 @pytest.mark.parametrize("kwargs,msg", [
-    (dict(guidance_scale=-1.0), "guidance scale"),
-    (dict(guidance_scale=math.nan), "guidance scale"),
-    (dict(top_p=0.0), "top-p"),
-    (dict(top_p=1.5), "top-p"),
-    (dict(top_k=-1), "top-k"),
-    (dict(temperature=0.0), "temperature"),
-    (dict(guidance_schedule="cosine"), "schedule"),
+    ({"guidance_scale": -1.0}, "guidance scale"),
+    ({"guidance_scale": math.nan}, "guidance scale"),
+    ({"top_p": 0.0}, "top-p"),
+    ({"top_p": 1.5}, "top-p"),
+    ({"top_k": -1}, "top-k"),
+    ({"temperature": 0.0}, "temperature"),
+    ({"guidance_schedule": "cosine"}, "schedule"),
 ])
 def test_bad_params(kwargs, msg):
     with pytest.raises(MMError, match=msg):

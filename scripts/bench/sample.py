@@ -1,0 +1,170 @@
+"""Benchmark image-code sampling: mm's cached sampler vs Hugging Face ``LlamaForCausalLM.generate``.
+
+Both models get the same dimensions (width, depth, heads, SwiGLU MLP of the same inner width,
+RMSNorm, vocabulary = codebook size) and random weights; the numbers measure the machinery, not
+the quality. Measured, in one run:
+
+1. tokens/s at batch 4, a 32-token prompt, 256 new tokens, top-k sampling, KV cache:
+   HF gets the prompt as input_ids (prefill) and ``generate(do_sample=True, top_k=…)``;
+   mm encodes the 32-token prompt with its text encoder (cross-attention context, keys/values
+   computed once) and samples a 16×16 grid of codes without guidance.
+2. the cost of classifier-free guidance: mm's time with guidance 3 (2B rows in one batch)
+   divided by its time without.
+3. per-token time late vs early: a 32×32 grid (1024 codes), mean step time around code 1024
+   divided by the mean around code 64 (a cache that re-reads a growing prefix would grow here).
+
+    /work/venv/bin/python scripts/bench/sample.py --json bench_sample.json          # full
+    /work/venv/bin/python scripts/bench/sample.py --quick                           # smoke run
+
+Goals (issue 6): ≥ 3× the HF tokens/s, CFG ≤ 1.4×, late/early ≤ 1.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from mm.generation.sampler import SamplingParams, sample_codes, seeds_tensor
+from mm.models.model import MMConfig, MMModel
+
+
+def dims(quick: bool) -> dict:
+    if quick:
+        return {"width": 128, "depth": 2, "heads": 4, "vocab": 1024}
+    return {"width": 512, "depth": 8, "heads": 8, "vocab": 4096}
+
+
+def mlp_hidden(width: int) -> int:
+    return int(2 * (4 * width) / 3)  # mm's SwiGLU inner width for mlp_ratio 4 (same parameter count as GELU)
+
+
+def build_mm(d: dict, grid: int, prompt_len: int, device) -> MMModel:
+    cfg = MMConfig(vocab_size=d["vocab"], text_max_len=prompt_len, text_width=256, text_depth=2, text_heads=4,
+                   width=d["width"], depth=d["depth"], heads=d["heads"], mlp="swiglu", norm="rmsnorm",
+                   codebook_size=d["vocab"], code_grid=[grid, grid], decoder_depth=1, embed_dim=64)
+    return MMModel(cfg).to(device).eval()
+
+
+def build_hf(d: dict, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=d["vocab"], hidden_size=d["width"], intermediate_size=mlp_hidden(d["width"]),
+                      num_hidden_layers=d["depth"], num_attention_heads=d["heads"],
+                      num_key_value_heads=d["heads"], max_position_embeddings=2048)
+    model = LlamaForCausalLM(cfg).to(device).eval()
+    model.generation_config.eos_token_id = None  # always generate the full length
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_mm(model, batch: int, prompt_len: int, params: SamplingParams, device, compile=False,
+            step_times: list | None = None) -> float:
+    """Seconds for one call: text encoding + prefill + all codes (+ per-step timestamps)."""
+    ids = torch.randint(5, model.config.vocab_size, (batch, prompt_len), device=device)
+    mask = torch.ones(batch, prompt_len, dtype=torch.bool, device=device)
+    seeds = seeds_tensor(0, batch, device)
+
+    def tick():
+        if step_times is not None:
+            sync(device)
+            step_times.append(time.perf_counter())
+
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        text = model.encode_text(ids, mask)
+        sample_codes(model, text, seeds, params, compile=compile, progress=tick if step_times is not None else None)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def time_hf(model, batch: int, prompt_len: int, new_tokens: int, top_k: int, device) -> float:
+    ids = torch.randint(5, model.config.vocab_size, (batch, prompt_len), device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=top_k,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True)
+    sync(device)
+    assert out.shape == (batch, prompt_len + new_tokens), out.shape
+    return time.perf_counter() - t0
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up (allocations, lazy init, compilation)
+    return min(fn() for _ in range(repeats))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small model, short runs (a smoke test)")
+    ap.add_argument("--json", default="", help="write the figures here")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compile", action="store_true", help="torch.compile mm's decode step (inductor)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    d = dims(args.quick)
+    batch, prompt_len, top_k = 4, 32, 50
+    grid = 8 if args.quick else 16  # 64 or 256 new tokens
+    new_tokens = grid * grid
+    repeats = 1 if args.quick else args.repeats
+
+    mm = build_mm(d, grid, prompt_len, device)
+    hf = build_hf(d, device)
+    plain = SamplingParams(guidance_scale=1.0, top_k=top_k)
+    guided = SamplingParams(guidance_scale=3.0, top_k=top_k)
+    t_mm = best_of(lambda: time_mm(mm, batch, prompt_len, plain, device, args.compile), repeats)
+    t_cfg = best_of(lambda: time_mm(mm, batch, prompt_len, guided, device, args.compile), repeats)
+    t_hf = best_of(lambda: time_hf(hf, batch, prompt_len, new_tokens, top_k, device), repeats)
+
+    # Per-token time early vs late on a 32x32 grid (16x16 in --quick): timestamps after each code.
+    long_grid = 16 if args.quick else 32
+    long_mm = build_mm(d, long_grid, prompt_len, device)
+    long_mm.load_state_dict(mm.state_dict(), strict=False)  # same weights (positions differ in size)
+    stamps: list[float] = []
+    time_mm(long_mm, batch, prompt_len, plain, device, args.compile)  # warm-up
+    time_mm(long_mm, batch, prompt_len, plain, device, args.compile, step_times=stamps)
+    steps = [b - a for a, b in itertools.pairwise(stamps)]  # steps[i]: time to produce code i + 1
+    n = len(stamps)
+    early_at, late_at = 64 if not args.quick else 16, n - 1
+    early = statistics.median(steps[early_at - 16: early_at + 16])
+    late = statistics.median(steps[late_at - 32: late_at])
+
+    res = {
+        "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(), "compile": args.compile, "quick": args.quick,
+        "dims": {**d, "mlp_hidden": mlp_hidden(d["width"])},
+        "batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "top_k": top_k,
+        "mm_tokens_per_s": batch * new_tokens / t_mm,
+        "hf_tokens_per_s": batch * new_tokens / t_hf,
+        "speedup_vs_hf": t_hf / t_mm,
+        "mm_seconds": t_mm, "mm_cfg_seconds": t_cfg, "hf_seconds": t_hf,
+        "cfg_cost": t_cfg / t_mm,
+        "per_token_ms_early": 1000 * early, "per_token_ms_late": 1000 * late,
+        "early_position": early_at, "late_position": late_at + 1,
+        "late_over_early": late / early,
+    }
+    print(json.dumps(res, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
