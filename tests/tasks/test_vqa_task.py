@@ -10,17 +10,12 @@ from mm.eval.vqa import vqa_accuracy
 from mm.generation.vqa import VOCAB_FILE, load_vqa_answerer, save_answer_vocab
 from mm.tasks.vqa import VQATask, build_answer_vocab, most_common_answer, soft_targets
 
-from .vqa_util import make_pretrained, samples, train_vqa, vqa_config, write_shards
-
-N_IMAGES = 4  # 4 images x 6 questions = 24 questions to overfit
+from .vqa_util import shared_assets, shared_run, vqa_config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vqa_task")
-    items = samples(N_IMAGES)
-    return {"root": root, "items": items, "shards": write_shards(root / "shards", items),
-            "init": make_pretrained(root / "pretrained", items)}
+    return shared_assets(tmp_path_factory)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,10 +112,9 @@ def _accuracy(answers, refs):
     return 100 * sum(vqa_accuracy(a, r) for a, r in zip(answers, refs)) / len(refs)
 
 
-def test_classifier_head_overfits_and_round_trips(assets, tmp_path):
-    trainer, result = train_vqa(vqa_config(tmp_path / "run", assets["init"], assets["shards"], "classifier"))
+def test_classifier_head_overfits_and_round_trips(assets, tmp_path_factory):
+    trainer, result, final = shared_run(tmp_path_factory, "classifier")
     assert result["val/vqa_accuracy"] >= 95.0, result
-    final = tmp_path / "run" / "final"
     for name in ("config.json", "model.safetensors", "tokenizer", VOCAB_FILE):
         assert (final / name).exists(), name
     vocab = json.loads((final / VOCAB_FILE).read_text())
@@ -129,7 +123,6 @@ def test_classifier_head_overfits_and_round_trips(assets, tmp_path):
 
     images, questions, refs = _pil_batch(assets["items"])
     in_memory = trainer.task.answerer()
-    trainer.task.model.eval()
     loaded = load_vqa_answerer(final, device="cpu")
     assert loaded(images, questions) == in_memory(images, questions)
     assert _accuracy(loaded(images, questions), refs) >= 95.0
@@ -140,15 +133,13 @@ def test_classifier_head_overfits_and_round_trips(assets, tmp_path):
     assert all(len(row) == 5 and row[0][1] >= row[-1][1] for row in top_a)
 
 
-def test_generative_head_overfits_greedy_and_ranked(assets, tmp_path):
-    trainer, result = train_vqa(vqa_config(tmp_path / "run", assets["init"], assets["shards"], "generative"))
+def test_generative_head_overfits_greedy_and_ranked(assets, tmp_path_factory):
+    trainer, result, final = shared_run(tmp_path_factory, "generative")
     assert result["val/vqa_accuracy"] >= 95.0, result
-    final = tmp_path / "run" / "final"
     assert json.loads((final / VOCAB_FILE).read_text())["head"] == "generative"
     assert json.loads((final / "config.json").read_text())["vqa_answers"] == 0
 
     images, questions, refs = _pil_batch(assets["items"])
-    trainer.task.model.eval()
     loaded = load_vqa_answerer(final, device="cpu")
     greedy = loaded(images, questions)
     assert greedy == trainer.task.answerer()(images, questions)
