@@ -13,8 +13,8 @@ MULTS = {4: [1, 2, 2], 8: [1, 1, 2, 2], 16: [1, 1, 1, 2, 2]}
 
 
 def tiny(**kw) -> VQTokenizerConfig:
-    base = dict(codebook_size=32, code_dim=4, downsample=4, channels=8, channel_mult=[1, 2, 2],
-                layers_per_block=1, mid_attention=False, restart_buffer=64, image_size=16)
+    base = {"codebook_size": 32, "code_dim": 4, "downsample": 4, "channels": 8, "channel_mult": [1, 2, 2],
+            "layers_per_block": 1, "mid_attention": False, "restart_buffer": 64, "image_size": 16}
     return VQTokenizerConfig(**{**base, **kw})
 
 
@@ -49,7 +49,7 @@ def test_bad_config_and_inputs_are_one_line_errors():
 def test_straight_through_gradient_reaches_the_encoder(kind):
     q = Quantizer(tiny(quantizer=kind)).train()
     z_e = torch.randn(2, 4, 3, 3, requires_grad=True)
-    z_st, idx, aux = q(z_e)
+    z_st, idx, _aux = q(z_e)
     r = torch.randn_like(z_st)
     (z_st * r).sum().backward()
     # Reference: the gradient of the identity through the (l2: normalised) encoder output.
