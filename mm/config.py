@@ -65,6 +65,7 @@ class VQConfig:
     channels: int = 64
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # log2(downsample)+1 values
     layers_per_block: int = 1
+    mid_attention: bool = True  # self-attention in the encoder/decoder middle blocks
     quantizer: str = "l2"  # l2 | ema
     beta: float = 0.25  # commitment weight on the encoder term
     ema_decay: float = 0.99
