@@ -7,6 +7,7 @@ need), and batches rendered by the shapes generator at 16 px for the ``debug`` p
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +22,25 @@ IMAGE_SIZE = 16
 TEXT_LEN = 16
 
 
-def make_assets(root: Path) -> tuple[Path, Path]:
-    """(tokenizer folder, VQ folder) under ``root`` (created once per call site)."""
+_ASSETS: list[Path] = []
+
+
+def make_assets(root: Path | None = None) -> tuple[Path, Path]:
+    """(tokenizer folder, VQ folder), built once per test process (``root`` is ignored after that)."""
     from mm.models.vq import VQTokenizer, VQTokenizerConfig
 
-    tok_dir, vq_dir = root / "tokenizer", root / "vq"
+    if not _ASSETS:
+        _ASSETS.append(Path(tempfile.mkdtemp(prefix="mm_pretrain_assets_")) if root is None else Path(root))
+    tok_dir, vq_dir = _ASSETS[0] / "tokenizer", _ASSETS[0] / "vq"
     if not (tok_dir / "tokenizer.json").exists():
         captions = [make_sample(0, "train", i, IMAGE_SIZE)["txt"] for i in range(300)]
         train_tokenizer(captions, 300, tok_dir)
     if not (vq_dir / "config.json").exists():
-        torch.manual_seed(0)
-        vq = VQTokenizer(VQTokenizerConfig(codebook_size=32, code_dim=4, downsample=4, channels=8,
-                                           channel_mult=[1, 1, 1], image_size=IMAGE_SIZE, mid_attention=False))
-        vq.save_pretrained(vq_dir)
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+            torch.manual_seed(0)
+            vq = VQTokenizer(VQTokenizerConfig(codebook_size=32, code_dim=4, downsample=4, channels=8,
+                                               channel_mult=[1, 1, 1], image_size=IMAGE_SIZE, mid_attention=False))
+            vq.save_pretrained(vq_dir)
     return tok_dir, vq_dir
 
 

@@ -149,12 +149,13 @@ def test_each_objective_loss_falls_on_a_tiny_overfit(tmp_path, name):
     assert len(set(batch["caption"])) == 8  # distinct captions: ITC can reach a low loss
     if name == "t2i":
         task.cfg.objectives.cfg_dropout = 0.0
-    history, metrics = overfit(task, batch, lr=1e-2 if name in ("caption", "t2i") else 3e-3)
+    history, metrics = overfit(task, batch, steps=20, lr=1e-2 if name in ("caption", "t2i") else 3e-3)
     assert set(k for k in metrics if k.startswith("loss_")) == {f"loss_{name}"}  # others not computed
     if name == "itm":
         # 1 positive : 2 negatives. On the debug model the text's effect on the fused states starts
         # tiny, so within a few steps ITM only reaches the class prior H(1/3) = 0.637 (it needs ~60+
-        # steps to go below); the pairing itself is checked in the test above.
-        assert history[-1] < history[0] - 0.04 and history[-1] < 0.66, history
+        # steps to go well below); the pairing itself is checked in the test above.
+        late = sum(history[-5:]) / 5
+        assert late < history[0] - 0.03 and late < 0.64, history
     else:
         assert history[-1] < 0.7 * history[0], history

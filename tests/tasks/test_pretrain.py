@@ -10,13 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+from mm.cli import main
+from mm.errors import MMError
+from mm.tasks.pretrain import OBJECTIVES, PretrainTask, retrieval_metrics
 
-from mm.cli import main  # noqa: E402
-from mm.errors import MMError  # noqa: E402
-from mm.tasks.pretrain import OBJECTIVES, PretrainTask, retrieval_metrics  # noqa: E402
-
-from pretrain_util import make_batch, tiny_config  # noqa: E402
+from .pretrain_util import make_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
