@@ -36,3 +36,10 @@ def shapes_shards(tmp_path_factory):
                  "--image-size", "32", "--seed", "0", "--samples-per-shard", "16"])
     assert code == 0
     return root
+
+
+@pytest.fixture(scope="session")
+def shapes_cache(tmp_path_factory):
+    """An empty folder for `data.shapes_cache`: the first tiny run writes the built-in shapes there
+    and every later run of the session (tests/train, tests/reliability) reuses them."""
+    return tmp_path_factory.mktemp("shapes_cache")
