@@ -21,11 +21,13 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from mm.errors import MMError
@@ -99,9 +101,24 @@ def _fsync_dir(path: Path) -> None:
 
 def _torch_save(obj, path: Path) -> None:
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's zip writer wraps a failed write (disk full) in a RuntimeError
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
         f.flush()
         os.fsync(f.fileno())
+
+
+def _save_module(module: torch.nn.Module, path: Path) -> None:
+    try:
+        save_model(module, str(path))
+    except SafetensorError as e:  # the Rust writer reports a failed write (disk full) as its own type
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def _agree(accelerator, failed: bool) -> bool:
@@ -124,21 +141,28 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, modules: dict[s
     final = root / f"step_{step}"
     tmp = root / f".tmp-step_{step}"
     rank = accelerator.process_index
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    accelerator.wait_for_everyone()
     error = None
+    if accelerator.is_main_process:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:  # a full disk fails here too: report it like any failed write
+            error = e
+    accelerator.wait_for_everyone()
     try:
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and error is None:
             for name, module in modules.items():
-                save_model(module, str(tmp / f"{name}.safetensors"))
+                _save_module(module, tmp / f"{name}.safetensors")
             _torch_save(state, tmp / "state.pt")
             (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
         _torch_save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        if accelerator.is_main_process and error is None:
+            # Inside the temporary folder COMPLETE is harmless until the rename below, which
+            # happens only once every process has written its files.
+            (tmp / COMPLETE).write_text(str(step))
     except OSError as e:  # disk full, permissions, quota
-        error = e
+        error = error or e
     failed = _agree(accelerator, error is not None)
     if failed:
         if accelerator.is_main_process:
@@ -149,13 +173,15 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, modules: dict[s
         raise MMError(f"could not write checkpoint step_{step} ({reason}); "
                       f"the previous checkpoint {last.name if last else '(none)'} is intact; free space and rerun to resume")
     if accelerator.is_main_process:
-        (tmp / COMPLETE).write_text(str(step))
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        (Path(run_dir) / "progress.json").write_text(json.dumps(progress, indent=1))
+        try:
+            (Path(run_dir) / "progress.json").write_text(json.dumps(progress, indent=1))
+        except OSError:  # an informational copy: the checkpoint itself is complete
+            pass
         prune(run_dir, keep)
     accelerator.wait_for_everyone()
     return final
