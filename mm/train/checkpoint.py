@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 from mm.errors import MMError
 
@@ -111,9 +111,13 @@ def _torch_save(obj, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _save_module(module: torch.nn.Module, path: Path) -> None:
+def _save_safetensors(obj: torch.nn.Module | dict, path: Path) -> None:
+    """A module (``save_model``) or a dict of tensors (``save_file``) as ``path``."""
     try:
-        save_model(module, str(path))
+        if isinstance(obj, torch.nn.Module):
+            save_model(obj, str(path))
+        else:
+            save_file(obj, str(path))
     except SafetensorError as e:  # the Rust writer reports a failed write (disk full) as its own type
         code = re.search(r"os error (\d+)", str(e))
         if code is None:
@@ -130,10 +134,11 @@ def _agree(accelerator, failed: bool) -> bool:
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, modules: dict[str, torch.nn.Module],
-                    state: dict, progress: dict, keep: int) -> Path:
+                    state: dict, progress: dict, keep: int, tensors: dict[str, dict] | None = None) -> Path:
     """Write checkpoint ``step`` from every process; returns its folder on success.
 
     ``modules``: name → unwrapped module saved as ``name.safetensors`` by rank 0.
+    ``tensors``: name → dict of tensors (e.g. EMA weights) saved as ``name.safetensors`` by rank 0.
     ``state``: optimizer/scaler state dicts (identical on all ranks), saved by rank 0.
     Raises MMError (on every process) if any write failed; earlier checkpoints stay intact.
     """
@@ -152,8 +157,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, modules: dict[s
     accelerator.wait_for_everyone()
     try:
         if accelerator.is_main_process and error is None:
-            for name, module in modules.items():
-                _save_module(module, tmp / f"{name}.safetensors")
+            for name, obj in {**modules, **(tensors or {})}.items():
+                _save_safetensors(obj, tmp / f"{name}.safetensors")
             _torch_save(state, tmp / "state.pt")
             (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
         _torch_save(rng_state(), tmp / f"rng_rank{rank}.pt")

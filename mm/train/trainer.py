@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mm.config import Config, config_to_dict, load_config
 from mm.errors import MMError
@@ -165,12 +165,11 @@ class Trainer:
         progress = {"progress": self.progress.__dict__, "step": self.progress.step,
                     "samples_seen": self.progress.samples, "data_seed": self.cfg.run.seed,
                     "data_batches": self.progress.batches}
-        path = ckpt.save_checkpoint(self.acc, self.run_dir, self.progress.step, self._modules(), state,
-                                    progress, self.cfg.train.keep_checkpoints)
-        if self.ema is not None and self.acc.is_main_process:
-            save_file(self.ema.state_dict(), str(path / "ema.safetensors"))
-        self.acc.wait_for_everyone()
-        return path
+        # The EMA goes inside the checkpoint before it is marked complete: written afterwards, a
+        # crash in between would leave a "complete" checkpoint that cannot be resumed.
+        tensors = {"ema": self.ema.state_dict()} if self.ema is not None else None
+        return ckpt.save_checkpoint(self.acc, self.run_dir, self.progress.step, self._modules(), state,
+                                    progress, self.cfg.train.keep_checkpoints, tensors)
 
     # --- one step ------------------------------------------------------------------------------
 
