@@ -329,6 +329,18 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+# Sizes and counts checked by ``validate`` (lower bounds; a negative size never means anything).
+MINIMUMS = {
+    "model.width": 1, "model.depth": 1, "model.heads": 1, "model.patch_size": 1, "model.text_width": 1,
+    "model.text_depth": 1, "model.text_heads": 1, "model.decoder_depth": 0,
+    "vq.code_dim": 1, "vq.channels": 1, "vq.channel_mult": 1, "vq.layers_per_block": 1,
+    "vq.dead_code_steps": 0, "vq.disc_start": 0,
+    "data.vocab_size": 1, "data.shuffle_buffer": 1, "data.shapes_train": 1, "data.shapes_val": 0,
+    "data.val_samples": 0, "train.warmup_steps": 0, "train.eval_every": 0, "train.max_nonfinite": 1,
+    "train.stop_at_step": 0, "log.every": 1, "log.image_every": 0, "vqa.answer_vocab_size": 1,
+}
+
+
 def validate(cfg: Config) -> Config:
     """Checks that span fields or need ranges; each failure is one line."""
     if cfg.run.stage not in STAGES:
@@ -358,6 +370,11 @@ def validate(cfg: Config) -> Config:
         if not ok:
             section, name = key.split(".")
             raise MMError(f"config key '{key}' {what}; got {getattr(getattr(cfg, section), name)!r}")
+    for key, low in MINIMUMS.items():  # sizes and counts (None = the preset's value)
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if any(v is not None and v < low for v in (value if isinstance(value, list) else [value])):
+            raise MMError(f"config key '{key}' must be >= {low}; got {value!r}")
     if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.train):
         raise MMError(f"data.weights has {len(cfg.data.weights)} values for {len(cfg.data.train)} "
                       "data.train sources; give one weight per source or none")
