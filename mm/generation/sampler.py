@@ -210,7 +210,7 @@ def decode_step(model, prev: Tensor, state, seeds: Tensor, position: Tensor, sca
 _COMPILED: dict = {}
 
 
-def _step_fn(compile: bool | str):
+def decode_step_fn(compile: bool | str):
     """The decode step, compiled once per backend (``compile=True`` = inductor, or a backend name)."""
     if not compile:
         return decode_step
@@ -243,7 +243,7 @@ def sample_codes(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor, param
         states, mask = text
     scales = guidance_scales(params, n_codes, seeds.device)  # (N,)
     positions = torch.arange(n_codes, device=seeds.device)  # (N,) tensors: no recompiles per step
-    step = _step_fn(compile)
+    step = decode_step_fn(compile)
 
     logits, state = model.t2i_prefill(states, mask, cache=cache)  # (B', K) for code 0
     if cfg:

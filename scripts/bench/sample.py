@@ -10,8 +10,9 @@ the quality. Measured, in one run:
    computed once) and samples a 16×16 grid of codes without guidance.
 2. the cost of classifier-free guidance: mm's time with guidance 3 (2B rows in one batch)
    divided by its time without.
-3. per-token time late vs early: a 32×32 grid (1024 codes), mean step time around code 1024
-   divided by the mean around code 64 (a cache that re-reads a growing prefix would grow here).
+3. per-token time late vs early: a 32×32 grid (1024 codes), median step time over 16 steps
+   ending at code 1024 divided by the one around code 64, windows interleaved over 5 rounds so
+   load drift on a shared machine cancels (a cache that re-reads a growing prefix grows here).
 
     /work/venv/bin/python scripts/bench/sample.py --json bench_sample.json          # full
     /work/venv/bin/python scripts/bench/sample.py --quick                           # smoke run
@@ -22,7 +23,6 @@ Goals (issue 6): ≥ 3× the HF tokens/s, CFG ≤ 1.4×, late/early ≤ 1.3.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import platform
 import statistics
@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from mm.generation.sampler import SamplingParams, sample_codes, seeds_tensor
+from mm.generation.sampler import SamplingParams, decode_step_fn, sample_codes, seeds_tensor
 from mm.models.model import MMConfig, MMModel
 
 
@@ -101,6 +101,38 @@ def time_hf(model, batch: int, prompt_len: int, new_tokens: int, top_k: int, dev
     return time.perf_counter() - t0
 
 
+@torch.no_grad()
+def per_token_times(model, batch: int, prompt_len: int, params: SamplingParams, device, positions,
+                    compile=False, steps: int = 16, rounds: int = 5) -> dict[int, float]:
+    """Median seconds per decode step around each position (static cache), rounds interleaved.
+
+    The cache position is set directly (its unwritten slots are masked anyway), so each window
+    costs ``steps`` decode steps; alternating the windows cancels slow drifts of machine load.
+    """
+    ids = torch.randint(5, model.config.vocab_size, (batch, prompt_len), device=device)
+    text = model.encode_text(ids, torch.ones_like(ids, dtype=torch.bool))
+    _, state = model.t2i_prefill(*text)
+    step = decode_step_fn(compile)
+    seeds, prev = seeds_tensor(0, batch, device), torch.zeros(batch, dtype=torch.long, device=device)
+    n_codes = model.config.code_grid[0] * model.config.code_grid[1]
+    pos = torch.arange(n_codes, device=device)
+    scale = torch.ones((), device=device)
+    out: dict[int, list[float]] = {p: [] for p in positions}
+    for r in range(rounds + 1):  # round 0 warms up (and compiles)
+        for p in positions:
+            start = max(1, min(p - steps // 2, n_codes - steps))
+            for c in state.caches:
+                c.self_attn.pos.fill_(start)
+            sync(device)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                prev = step(model, prev, state, seeds, pos[start + i], scale, params, False)
+            sync(device)
+            if r:
+                out[p].append((time.perf_counter() - t0) / steps)
+    return {p: statistics.median(v) for p, v in out.items()}
+
+
 def best_of(fn, repeats: int) -> float:
     fn()  # warm-up (allocations, lazy init, compilation)
     return min(fn() for _ in range(repeats))
@@ -133,18 +165,14 @@ def main() -> None:
     t_cfg = best_of(lambda: time_mm(mm, batch, prompt_len, guided, device, args.compile), repeats)
     t_hf = best_of(lambda: time_hf(hf, batch, prompt_len, new_tokens, top_k, device), repeats)
 
-    # Per-token time early vs late on a 32x32 grid (16x16 in --quick): timestamps after each code.
+    # Per-token time early vs late on a 32x32 grid (16x16 in --quick).
     long_grid = 16 if args.quick else 32
     long_mm = build_mm(d, long_grid, prompt_len, device)
     long_mm.load_state_dict(mm.state_dict(), strict=False)  # same weights (positions differ in size)
-    stamps: list[float] = []
-    time_mm(long_mm, batch, prompt_len, plain, device, args.compile)  # warm-up
-    time_mm(long_mm, batch, prompt_len, plain, device, args.compile, step_times=stamps)
-    steps = [b - a for a, b in itertools.pairwise(stamps)]  # steps[i]: time to produce code i + 1
-    n = len(stamps)
-    early_at, late_at = 64 if not args.quick else 16, n - 1
-    early = statistics.median(steps[early_at - 16: early_at + 16])
-    late = statistics.median(steps[late_at - 32: late_at])
+    early_at, late_at = (16, 256) if args.quick else (64, 1024)
+    per_token = per_token_times(long_mm, batch, prompt_len, plain, device, (early_at, late_at), args.compile,
+                                rounds=2 if args.quick else 5)
+    early, late = per_token[early_at], per_token[late_at]
 
     res = {
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -157,7 +185,7 @@ def main() -> None:
         "mm_seconds": t_mm, "mm_cfg_seconds": t_cfg, "hf_seconds": t_hf,
         "cfg_cost": t_cfg / t_mm,
         "per_token_ms_early": 1000 * early, "per_token_ms_late": 1000 * late,
-        "early_position": early_at, "late_position": late_at + 1,
+        "early_position": early_at, "late_position": late_at,
         "late_over_early": late / early,
     }
     print(json.dumps(res, indent=2))
