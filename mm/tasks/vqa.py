@@ -280,18 +280,20 @@ def _open_image(path: str):
 
 
 def cli_answer(args: argparse.Namespace) -> int:
-    """``mm answer --model DIR --image IMG --question TEXT``: the answer, and top-5 for the classifier."""
+    """``mm answer --model DIR --image IMG --question TEXT``: the answer, and the top-5 with scores for
+    the classifier (and for generative models that rank the candidate list)."""
     question = " ".join((args.question or "").split())
     if not question:
         raise MMError("the question is empty; pass --question 'what color is the circle?'")
     image = _open_image(args.image)
     answerer = gen.load_vqa_answerer(args.model)
-    if answerer.head == "classifier":
-        (top,) = answerer.top_k([image], [question], 5)
-        print(f"answer: {top[0][0]}")
-        print("top-5:")
-        for answer, score in top:
-            print(f"  {score:.4f}  {answer}")
-    else:
+    if answerer.head == "generative" and not answerer.rank:  # free decoding: one answer, no scores
         print(f"answer: {answerer([image], [question])[0]}")
+        return 0
+    (top,) = answerer.top_k([image], [question], 5)
+    print(f"answer: {top[0][0]}")
+    # classifier: sigmoid probability per answer; ranked generation: log-likelihood of the answer
+    print("top-5:" if answerer.head == "classifier" else "top-5 (log-likelihood):")
+    for answer, score in top:
+        print(f"  {score:.4f}  {answer}")
     return 0

@@ -149,3 +149,16 @@ def test_generative_head_overfits_greedy_and_ranked(assets, tmp_path_factory):
     assert all(a in loaded.answers for row in ranked for a, _ in row)
     assert all(row[0][1] >= row[1][1] >= row[2][1] for row in ranked)
     assert _accuracy([row[0][0] for row in ranked], refs) >= 95.0
+
+
+def test_shipped_shapes_config_pretrains_first_and_fine_tunes():
+    from pathlib import Path
+
+    from mm.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "configs" / "vqa" / "shapes.yaml", ["run.dir=/tmp/unused"])
+    assert cfg.run.stage == "vqa" and cfg.run.init_from == "" and cfg.data.train == ["builtin:shapes"]
+    pre = load_config(cfg.vqa.pretrain_config)  # resolved relative to the YAML file
+    assert pre.run.stage == "pretrain"
+    assert (pre.data.image_size, pre.data.text_max_len) == (cfg.data.image_size, cfg.data.text_max_len)
