@@ -173,12 +173,17 @@ def _resolve(target: str):
     return getattr(module, func_name)
 
 
+# An error is one line even when it quotes user input with line breaks (an override "a\rb", a
+# file name with a newline): the characters str.splitlines() breaks on are printed escaped.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(_resolve(args.func)(args) or 0)
     except MMError as e:
-        print(f"mm: error: {e}", file=sys.stderr)
+        print(f"mm: error: {str(e).translate(_LINE_BREAKS)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mm: interrupted", file=sys.stderr)
