@@ -106,26 +106,12 @@ def fused_states(model, images: Tensor, question_ids: Tensor, question_mask: Ten
 # Decoding with the generative head
 
 
-@torch.no_grad()
-def greedy_answers(model, tokenizer, fused: Tensor, max_len: int | None = None) -> list[str]:
+def greedy_answers(model, tokenizer, fused: Tensor) -> list[str]:
     """Greedy answers from the TextDecoder: BOS, then argmax tokens until EOS (KV-cached)."""
-    max_len = min(max_len or model.config.text_max_len, model.config.text_max_len)
-    b, dev = fused.shape[0], fused.device
-    ids = torch.full((b, 1), tokenizer.bos_id, dtype=torch.long, device=dev)
-    logits, state = model.caption_prefill(fused, ids, max_len=max_len)
-    tokens, done = [], torch.zeros(b, dtype=torch.bool, device=dev)
-    for n in range(max_len - 1):
-        nxt = logits.float().argmax(-1).masked_fill(done, tokenizer.eos_id)  # (B,)
-        tokens.append(nxt)
-        done |= nxt == tokenizer.eos_id
-        if bool(done.all()) or n + 2 >= max_len:
-            break
-        logits = model.caption_step(nxt, state)
-    out = []
-    for seq in torch.stack(tokens, 1).tolist():
-        seq = seq[: seq.index(tokenizer.eos_id)] if tokenizer.eos_id in seq else seq
-        out.append(tokenizer.decode(seq).strip())
-    return out
+    from mm.generation.text import sample_text
+
+    seqs = sample_text(model, fused, tokenizer.bos_id, tokenizer.eos_id, method="greedy")
+    return [tokenizer.decode(seq).strip() for seq in seqs]
 
 
 def encode_candidates(tokenizer, answers: list[str], max_len: int) -> tuple[Tensor, Tensor]:
