@@ -17,11 +17,12 @@ which is the usual ``uncond + s·(cond - uncond)`` written so that s = 1 returns
 bit. The scale s may change with the code index: constant, a linear ramp from 1 to s, and/or
 guidance only inside a code interval [start, end).
 
-Randomness is counter-based: the noise for sample i at code n is a hash of (seed_i, n, code id),
+Randomness is counter-based: the random number for sample i at code n is a hash of (seed_i, n),
 not a draw from a shared generator. An image therefore depends only on its prompt and its seed —
 never on the batch size or its position in the batch — and the noise is the same on CPU and CUDA.
-We sample with the Gumbel-max trick: argmax(logits/T + Gumbel) is an exact draw from
-softmax(logits/T); top-k/top-p set filtered logits to -inf so they are never chosen.
+A token is drawn by inverse-CDF sampling with that one uniform number per row: the first token
+whose cumulative probability reaches u (what torch.multinomial does, minus its global
+generator). Top-k/top-p set filtered logits to -inf, i.e. probability 0: never chosen.
 
 The step has no data-dependent Python control flow and no host-device sync, so it runs under
 ``torch.compile(fullgraph=True)``; with the static cache its shapes never change.
@@ -127,19 +128,12 @@ def _combine(h: Tensor, v: Tensor) -> Tensor:
     return _mix32((h ^ ((_mix32(v & MASK32) + 0x9E3779B9) & MASK32)) & MASK32)
 
 
-def uniform_noise(seeds: Tensor, position: Tensor | int, vocab: int) -> Tensor:
-    """Uniform numbers in (0, 1), (B, vocab) float32, a pure function of (seed, position, index)."""
+def uniform_noise(seeds: Tensor, position: Tensor | int) -> Tensor:
+    """One uniform number in (0, 1) per sample, (B,) float32: a pure function of (seed, position)."""
     position = torch.as_tensor(position, dtype=torch.long, device=seeds.device)
     h = _combine(_mix32(seeds & MASK32), (seeds >> 32) & MASK32)  # (B,) key of the sample
     h = _combine(h, position.expand_as(h))  # (B,) key of this step
-    idx = torch.arange(vocab, device=seeds.device)
-    h = _combine(h[:, None], idx[None, :])  # (B, V)
-    h = _mix32(h ^ (h >> 7))  # one more round: neighbouring indices share no structure
     return ((h >> 8).float() + 0.5) * (1.0 / 16777216.0)  # 24 random bits → (0, 1)
-
-
-def gumbel_noise(seeds: Tensor, position: Tensor | int, vocab: int) -> Tensor:
-    return -torch.log(-torch.log(uniform_noise(seeds, position, vocab)))
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -162,8 +156,14 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
 
 def choose(logits: Tensor, seeds: Tensor, position: Tensor | int, params: SamplingParams) -> Tensor:
     """Sample one token per row of logits (B, V) with its own seed → (B,) long."""
-    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
-    return (logits + gumbel_noise(seeds, position, logits.shape[-1])).argmax(dim=-1)
+    logits = logits.float()
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
+    probs = filter_logits(logits, params.top_k, params.top_p).softmax(dim=-1)  # (B, V), 0 where filtered
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    u = uniform_noise(seeds, position)[:, None] * cdf[:, -1:]  # (B, 1) in (0, total]
+    # The first index with cdf >= u has probability > 0 (u > 0); the clamp guards float round-off.
+    return torch.searchsorted(cdf, u).squeeze(1).clamp(max=logits.shape[-1] - 1)
 
 
 def guide(logits: Tensor, scale: Tensor) -> Tensor:

@@ -144,24 +144,30 @@ def test_filter_logits_matches_naive_reference():
             assert torch.equal(orow, expect)
 
 
-def test_gumbel_sampling_follows_softmax():
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+def test_sampling_follows_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]])
     n = 4000
     seeds = torch.arange(n)
-    picks = choose(logits.expand(n, 4), seeds, 3, SamplingParams(temperature=1.0))
-    freq = torch.bincount(picks, minlength=4).float() / n
-    assert torch.allclose(freq, logits.softmax(-1)[0], atol=0.03)
-    cold = choose(logits.expand(n, 4), seeds, 3, SamplingParams(temperature=0.5))
-    assert torch.allclose(torch.bincount(cold, minlength=4).float() / n, (logits / 0.5).softmax(-1)[0], atol=0.03)
+    for t in (1.0, 0.5):
+        picks = choose(logits.expand(n, 5), seeds, 3, SamplingParams(temperature=t))
+        freq = torch.bincount(picks, minlength=5).float() / n
+        assert torch.allclose(freq, (logits / t).softmax(-1)[0], atol=0.03)
+        assert freq[4] == 0  # probability 0 is never drawn
+    top2 = choose(logits.expand(n, 5), seeds, 3, SamplingParams(top_k=2))
+    assert set(top2.tolist()) == {0, 1}
 
 
 def test_noise_is_counter_based():
-    u = uniform_noise(torch.tensor([1, 2, 2**40 + 1]), 7, 1000)
-    assert u.shape == (3, 1000) and (u > 0).all() and (u < 1).all()
-    assert abs(u.mean().item() - 0.5) < 0.02
-    assert torch.equal(u[1], uniform_noise(torch.tensor([2]), 7, 1000)[0])  # batch-independent
-    assert not torch.equal(u[0], u[2])  # the high 32 bits of the seed matter
-    assert not torch.equal(u[1], uniform_noise(torch.tensor([2]), 8, 1000)[0])  # position matters
+    u = uniform_noise(torch.arange(5000) + 2**40, 7)
+    assert u.shape == (5000,) and (u > 0).all() and (u < 1).all()
+    assert abs(u.mean().item() - 0.5) < 0.02 and abs(u.var().item() - 1 / 12) < 0.005
+    assert torch.equal(u[1:2], uniform_noise(torch.tensor([2**40 + 1]), 7))  # batch-independent
+    assert u[1] != uniform_noise(torch.tensor([1]), 7)[0]  # the high 32 bits of the seed matter
+    assert u[1] != uniform_noise(torch.tensor([2**40 + 1]), 8)[0]  # position matters
+    # neighbouring seeds and positions are uncorrelated
+    v = uniform_noise(torch.arange(5000) + 2**40, 8)
+    assert abs(torch.corrcoef(torch.stack([u, v]))[0, 1]) < 0.05
+    assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1]) < 0.05
 
 
 def test_step_compiles_without_graph_breaks():
