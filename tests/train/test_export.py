@@ -1,22 +1,22 @@
-"""Hugging Face interop: `mm train` checkpoint → `mm export RUN --out DIR` → from_pretrained.
+"""Hugging Face interop: a training run's checkpoint → `mm export RUN --out DIR` → from_pretrained.
 
-A tiny pretraining run (debug preset, 32 px, 8-px patches, a tiny VQ with a 4×4 code grid, BPE
-trained by the run) is exported from its newest checkpoint. The exported folder must give
-exactly what the in-memory model built from that checkpoint gives — logits bit for bit and the
-same sampled codes for the same seeds — through MMModel.from_pretrained and
-TextToImagePipeline.from_pretrained, hold nothing pickled, and survive a pipeline
-save_pretrained round trip.
+A tiny pretraining run (configs/pretrain/shapes.yaml with the debug preset, 32 px, 8-px patches,
+a tiny VQ with a 4×4 code grid, a BPE trained by the run) is trained in this process, then
+exported from its newest checkpoint with the `mm export` command. The exported folder must give
+exactly what the trainer's in-memory model gives — logits bit for bit and the same sampled codes
+for the same seeds — through MMModel.from_pretrained and TextToImagePipeline.from_pretrained,
+hold nothing pickled, and survive a pipeline save_pretrained round trip.
 """
-
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from mm.cli import main
+from mm.config import load_config
+from mm.train.trainer import Trainer
 
-from .conftest import run_mm
+from .conftest import ROOT
 
 STEPS = 2
 PROMPTS = ["a red circle", "two blue squares"]
@@ -43,20 +43,12 @@ def exported(tmp_path_factory):
         "data.val_samples": 8, "data.shuffle_buffer": 16, "train.batch_size": 4, "train.max_steps": STEPS,
         "train.warmup_steps": 1, "train.checkpoint_every": 0, "train.eval_every": 0, "log.every": 1,
     }
-    run_mm(["train", "configs/pretrain/shapes.yaml", *[f"{k}={v}" for k, v in overrides.items()]])
+    trainer = Trainer(load_config(ROOT / "configs" / "pretrain" / "shapes.yaml",
+                                  [f"{k}={v}" for k, v in overrides.items()]))
+    assert trainer.fit()["step"] == STEPS
     assert main(["export", str(run), "--out", str(out)]) == 0
-    return run, out
-
-
-def in_memory(run: Path):
-    """The model of the run's newest checkpoint, built and loaded in memory (never saved)."""
-    from mm.config import load_config
-    from mm.tasks.pretrain import PretrainTask
-    from mm.train import checkpoint as ckpt
-
-    task = PretrainTask.for_export(load_config(run / "config.yaml"), run)
-    ckpt.load_module(task.model, run / "checkpoints" / f"step_{STEPS}" / "model.safetensors")
-    return task.model.eval(), task.tokenizer, task.vq(torch.device("cpu"))
+    task = trainer.task  # the in-memory model, tokenizer and VQ the run trained with
+    return run, out, (task.model.eval(), task.tokenizer, task.vq(torch.device("cpu")))
 
 
 def batch(tokenizer, n=4):
@@ -83,7 +75,7 @@ def outputs(model, images, ids, mask):
 
 
 def test_exported_folder_has_no_pickle(exported):
-    _, out = exported
+    _, out, _ = exported
     files = [p for p in out.rglob("*") if p.is_file()]
     names = {p.relative_to(out).as_posix() for p in files}
     assert {"config.json", "model.safetensors", "vq/config.json", "vq/model.safetensors"} <= names
@@ -95,7 +87,7 @@ def test_exported_folder_has_no_pickle(exported):
 
 
 def test_export_keeps_every_weight_bitwise(exported):
-    run, out = exported
+    run, out, _ = exported
     saved = load_file(str(run / "checkpoints" / f"step_{STEPS}" / "model.safetensors"))
     written = load_file(str(out / "model.safetensors"))
     assert saved.keys() == written.keys()
@@ -111,8 +103,7 @@ def test_from_pretrained_gives_identical_logits(exported):
     from mm.models.bundle import load_bundle
     from mm.models.model import MMModel
 
-    run, out = exported
-    ref_model, ref_tok, ref_vq = in_memory(run)
+    _, out, (ref_model, ref_tok, ref_vq) = exported
     model = MMModel.from_pretrained(out)
     assert model.config == ref_model.config
     tok_dir = load_bundle(out)[1]
@@ -133,8 +124,7 @@ def test_from_pretrained_gives_identical_logits(exported):
 def test_pipeline_from_pretrained_samples_identical_codes(exported, tmp_path):
     from mm.generation.pipeline import TextToImagePipeline
 
-    run, out = exported
-    ref_model, ref_tok, ref_vq = in_memory(run)
+    _, out, (ref_model, ref_tok, ref_vq) = exported
     reference = TextToImagePipeline(ref_model, ref_vq, ref_tok, device="cpu")
     loaded = TextToImagePipeline.from_pretrained(out, device="cpu")
     kwargs = dict(num_images_per_prompt=2, guidance_scale=3.0, top_k=8, temperature=1.0, seed=7)
