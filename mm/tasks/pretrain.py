@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -159,7 +158,7 @@ class PretrainTask:
         if "caption" in todo:
             losses["caption"], _ = obj.caption_loss(m, image_states, ids, mask)
         if "t2i" in todo:
-            states, cmask, dropped = obj.cfg_drop(m, text_states, text_mask, self.cfg.objectives.cfg_dropout)
+            states, cmask, _ = obj.cfg_drop(m, text_states, text_mask, self.cfg.objectives.cfg_dropout)
             losses["t2i"], mt, _ = obj.t2i_loss(m, self.codes(batch), states, cmask)
             metrics.update(mt)
         total = sum(self.weights[n] * losses[n] for n in losses)
@@ -223,7 +222,7 @@ class PretrainTask:
             shutil.copytree(self.vq_path, out / "vq", dirs_exist_ok=True)
 
     @classmethod
-    def for_export(cls, cfg: Config, run_dir: str | Path) -> "PretrainTask":
+    def for_export(cls, cfg: Config, run_dir: str | Path) -> PretrainTask:
         """The task of a saved run config: tokenizer and VQ resolved the way the trainer did it."""
         cfg, run_dir = copy.deepcopy(cfg), Path(run_dir)
         if not cfg.vq.path:

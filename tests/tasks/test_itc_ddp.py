@@ -100,7 +100,7 @@ def test_gathered_itc_on_two_ranks_equals_one_rank_on_the_whole_batch(tmp_path):
     script.write_text(WORKER)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
                            "--standalone", str(script)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+                          check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "result.json").read_text())
     grads = load_file(str(tmp_path / "grads.safetensors"))
@@ -108,7 +108,7 @@ def test_gathered_itc_on_two_ranks_equals_one_rank_on_the_whole_batch(tmp_path):
     towers = make_towers()
     x, y, ids = make_data()
     img, txt = embed(towers, x, y)
-    loss, metrics, _, _ = obj.itc_loss(img, txt, towers["scale"].exp())
+    loss, _, _, _ = obj.itc_loss(img, txt, towers["scale"].exp())
     loss.backward()
     assert abs(results[0]["loss"] - float(loss.detach())) < 1e-6
     for name, p in towers.items():

@@ -29,7 +29,7 @@ def naive_itc(img, txt, scale):
 def test_itc_loss_equals_naive_reference():
     img = F.normalize(torch.randn(6, 5, dtype=torch.float64), dim=-1)
     txt = F.normalize(torch.randn(6, 5, dtype=torch.float64), dim=-1)
-    loss, metrics, logits_i2t, logits_t2i = obj.itc_loss(img, txt, torch.tensor(7.5))
+    loss, _, logits_i2t, logits_t2i = obj.itc_loss(img, txt, torch.tensor(7.5))
     assert loss.item() == pytest.approx(naive_itc(img, txt, 7.5), rel=1e-5)
     assert logits_i2t.shape == logits_t2i.shape == (6, 6)
     assert torch.allclose(logits_i2t, logits_t2i.t())
@@ -150,7 +150,7 @@ def test_each_objective_loss_falls_on_a_tiny_overfit(tmp_path, name):
     if name == "t2i":
         task.cfg.objectives.cfg_dropout = 0.0
     history, metrics = overfit(task, batch, steps=20, lr=1e-2 if name in ("caption", "t2i") else 3e-3)
-    assert set(k for k in metrics if k.startswith("loss_")) == {f"loss_{name}"}  # others not computed
+    assert {k for k in metrics if k.startswith("loss_")} == {f"loss_{name}"}  # others not computed
     if name == "itm":
         # 1 positive : 2 negatives. On the debug model the text's effect on the fused states starts
         # tiny, so within a few steps ITM only reaches the class prior H(1/3) = 0.637 (it needs ~60+
