@@ -274,8 +274,8 @@ def markdown(demo, r: dict, gen: dict, examples: list[dict], curves: dict) -> st
         return f"{v:.1f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
 
     lines = [f"# mm demo report ({r['mode']})", "",
-             f"Wall time {r['minutes']:.1f} min, CPU time {r['cpu_minutes']:.1f} min "
-             f"({r['torch_threads']} torch threads).", "",
+             (f"Wall time {r['minutes']:.1f} min, CPU time {r['cpu_minutes']:.1f} min "
+              f"({r['torch_threads']} torch threads)."), "",
              "| figure | value | goal |", "|---|---|---|"]
     for key, unit in (("vq_psnr", "dB"), ("vq_code_usage", "%"), ("retrieval_r1_i2t", "%"),
                       ("retrieval_r1_t2i", "%"), ("t2i_compositional_accuracy", "%"), ("vqa_accuracy", "%"),

@@ -29,7 +29,7 @@ def test_demo_fast_offline_writes_complete_report_and_resumes(tmp_path, no_netwo
     out = tmp_path / "demo"
     assert main(["demo", "--fast", "--out", str(out)]) == 0
     first = capsys.readouterr().out
-    assert len(re.findall(r"^\[\d/7\] \w+ +… \d+ s \(cpu \d+ s\)", first, re.M)) == 7, first
+    assert len(re.findall(r"^\[\d/7\] \w+ +… \d+ s \(cpu \d+ s\)", first, re.MULTILINE)) == 7, first
 
     report = json.loads((out / "report.json").read_text())
     for key in REQUIRED:
