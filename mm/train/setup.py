@@ -24,7 +24,7 @@ TASKS = {
 # Keys that may change between the first start of a run and a resume of it.
 RESUMABLE_CHANGES = ("train.max_steps", "train.stop_at_step", "train.time_limit_minutes",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
-                     "data.num_workers", "log.")
+                     "data.num_workers", "log.", "vq.config", "vqa.pretrain_config")
 
 
 def make_accelerator(cfg: Config):
@@ -142,8 +142,8 @@ def make_loader(cfg: Config, task, accelerator, *, train: bool, start_batch: int
 def ensure_vq(cfg: Config, run_dir: Path) -> Config:
     """Pretraining needs a VQ tokenizer: use vq.path, or train one first from vq.config.
 
-    The nested run lives in ``RUN/vq`` (so it resumes too), reads the same data sources and uses
-    this config's ``vq.*`` architecture; its training budget comes from the vq.config file.
+    The nested run lives in ``RUN/vq`` (so it resumes too) and reads the same data sources;
+    its architecture and training budget come from the vq.config file alone.
     """
     if cfg.run.stage != "pretrain" or cfg.vq.path:
         if cfg.vq.path and not (Path(cfg.vq.path) / "config.json").exists():
@@ -154,8 +154,7 @@ def ensure_vq(cfg: Config, run_dir: Path) -> Config:
         raise MMError("pretraining needs a VQ tokenizer: set vq.path=DIR (RUN/final of `mm train "
                       "configs/vq/shapes.yaml`) or vq.config=VQ.yaml to train one first")
     vq_run = run_dir / "vq"
-    extra = [f"vq.{k}={_as_override(v)}" for k, v in config_to_dict(cfg.vq).items() if k not in ("path", "config")]
-    run_first(cfg, cfg.vq.config, vq_run, "vq", extra)
+    run_first(cfg, cfg.vq.config, vq_run, "vq", [])
     cfg = copy.deepcopy(cfg)
     cfg.vq.path = str(vq_run / "final")
     return cfg
