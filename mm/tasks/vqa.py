@@ -33,6 +33,7 @@ import copy
 import functools
 import json
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -282,7 +283,15 @@ def _open_image(path: str):
 def cli_answer(args: argparse.Namespace) -> int:
     """``mm answer --model DIR --image IMG --question TEXT``: the answer, and the top-5 with scores for
     the classifier (and for generative models that rank the candidate list)."""
-    question = " ".join((args.question or "").split())
+    import warnings
+
+    from mm.generation.pipeline import clean_prompt
+
+    with warnings.catch_warnings(record=True) as caught:  # undecodable bytes from the shell (lone
+        warnings.simplefilter("always")  # surrogates) and control characters are dropped, with a note
+        question = clean_prompt(args.question or "")
+    for w in caught:
+        print(f"mm: warning: {str(w.message).replace('prompt', 'question', 1)}", file=sys.stderr)
     if not question:
         raise MMError("the question is empty; pass --question 'what color is the circle?'")
     image = _open_image(args.image)
