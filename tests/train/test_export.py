@@ -127,7 +127,7 @@ def test_pipeline_from_pretrained_samples_identical_codes(exported, tmp_path):
     _, out, (ref_model, ref_tok, ref_vq) = exported
     reference = TextToImagePipeline(ref_model, ref_vq, ref_tok, device="cpu")
     loaded = TextToImagePipeline.from_pretrained(out, device="cpu")
-    kwargs = dict(num_images_per_prompt=2, guidance_scale=3.0, top_k=8, temperature=1.0, seed=7)
+    kwargs = {"num_images_per_prompt": 2, "guidance_scale": 3.0, "top_k": 8, "temperature": 1.0, "seed": 7}
     codes = reference.generate_codes(PROMPTS, **kwargs)
     assert codes.shape == (4, 4, 4)
     assert torch.equal(loaded.generate_codes(PROMPTS, **kwargs), codes)
