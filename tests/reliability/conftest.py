@@ -51,8 +51,19 @@ class Launch:
             pass
 
     def kill(self) -> None:
+        """SIGKILL everything: torchrun's workers run in process groups of their own, so they are
+        killed one by one (killing only the group would leave them training as orphans)."""
+        pids = descendants(self.proc.pid)
         self.signal(signal.SIGKILL)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait(timeout=60)
+        deadline = time.time() + 30
+        while any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids) and time.time() < deadline:
+            time.sleep(0.01)
 
     def wait(self, timeout: float = 240) -> int:
         try:
@@ -69,6 +80,27 @@ class Launch:
 
     def stderr(self) -> str:
         return self.err_path.read_text(errors="replace")
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes started by ``pid`` and their children (any thread may have started them)."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return sorted(set(found))
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def last_step(run: Path) -> int:
