@@ -232,6 +232,8 @@ def sample_codes(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor, param
     compile: True (inductor) or a torch.compile backend name for the per-code step.
     """
     params.check()
+    if compile and cache != "static":
+        raise MMError("compiled sampling needs cache='static' (a growing cache changes shape every step)")
     h, w = model.config.code_grid
     n_codes, batch = h * w, seeds.shape[0]
     cfg = text is not None and params.uses_guidance
