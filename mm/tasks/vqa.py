@@ -290,12 +290,12 @@ def cli_answer(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:  # undecodable bytes from the shell (lone
         warnings.simplefilter("always")  # surrogates) and control characters are dropped, with a note
         question = clean_prompt(args.question or "")
-    for w in caught:
-        print(f"mm: warning: {str(w.message).replace('prompt', 'question', 1)}", file=sys.stderr)
     if not question:
         raise MMError("the question is empty; pass --question 'what color is the circle?'")
     image = _open_image(args.image)
     answerer = gen.load_vqa_answerer(args.model)
+    for w in caught:  # only once the inputs are accepted: a refusal stays one line
+        print(f"mm: warning: {str(w.message).replace('prompt', 'question', 1)}", file=sys.stderr)
     if answerer.head == "generative" and not answerer.rank:  # free decoding: one answer, no scores
         print(f"answer: {answerer([image], [question])[0]}")
         return 0
