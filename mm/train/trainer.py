@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import resource
 import signal
@@ -45,10 +46,16 @@ class Progress:
 
 
 class StopSignals:
-    """SIGTERM / SIGINT ask the loop to save and stop at the end of the current step."""
+    """SIGTERM / SIGINT ask the loop to save and stop at the end of the current step.
+
+    Under torchrun, the death of the launcher does too: its workers run in process groups of
+    their own, so a launcher killed with SIGKILL (OOM killer, dying job step) would otherwise
+    leave them training as orphans that a restarted job then races for the same run folder.
+    """
 
     def __init__(self):
         self.requested = False
+        self._launcher = os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else None
         self._old = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -60,6 +67,9 @@ class StopSignals:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.requested = True
+
+    def stop(self) -> bool:
+        return self.requested or (self._launcher is not None and os.getppid() != self._launcher)
 
     def restore(self):
         for sig, old in self._old.items():
@@ -315,7 +325,7 @@ class Trainer:
                 if cfg.train.eval_every and p.step % cfg.train.eval_every == 0 and p.step < cfg.train.max_steps:
                     self.validate()
                 over_time = cfg.train.time_limit_minutes > 0 and (time.time() - started) > 60 * cfg.train.time_limit_minutes
-                stop, timeout = _any_rank(self.acc, signals.requested, over_time)
+                stop, timeout = _any_rank(self.acc, signals.stop(), over_time)
                 if stop or timeout:
                     reason = "signal" if stop else "time_limit"
                     break
