@@ -62,7 +62,7 @@ class Launch:
                 pass
         self.proc.wait(timeout=60)
         deadline = time.time() + 30
-        while any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids) and time.time() < deadline:
+        while not all(gone(p) for p in pids) and time.time() < deadline:
             time.sleep(0.01)
 
     def wait(self, timeout: float = 240) -> int:
@@ -96,9 +96,10 @@ def descendants(pid: int) -> list[int]:
     return sorted(set(found))
 
 
-def _zombie(pid: int) -> bool:
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie nobody reaped yet counts as exited)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
     except OSError:
         return True
 

@@ -7,8 +7,8 @@ uninterrupted run of the same config on CPU:
 - 1 process: SIGKILL at 3 points (a random step and moment, during a checkpoint write, another
   random point), the disk filling up during a checkpoint write (the file size limit of the
   running process is lowered: no root-proof read-only folder needed), then SIGINT.
-- 2 processes (torchrun, gloo) on very uneven shards: SIGKILL of the whole process group at 3
-  points (one during a checkpoint write), then SIGTERM.
+- 2 processes (torchrun, gloo) on very uneven shards: SIGKILL of every process at 3 points
+  (one during a checkpoint write), SIGTERM, then SIGKILL of torchrun alone.
 
 Kill points come from a seeded RNG; ``KILLS`` records them for the README figures.
 """
@@ -31,6 +31,7 @@ from .conftest import (
     Launch,
     assert_run_equal,
     descendants,
+    gone,
     kill_during_checkpoint_write,
     vq_args,
     wait_for_step,
@@ -160,6 +161,20 @@ def test_two_processes_kills_and_sigterm(straight_two, tmp_path, shapes_cache, u
     saved = newest_checkpoint(run)
     assert saved >= start + 2 and saved < STEPS
     events.append(f"SIGTERM after step {saved}: saved, exit 0")
+
+    # SIGKILL of torchrun alone (the OOM killer's choice): the workers, in process groups of their
+    # own, notice that their launcher is gone, save and stop instead of training on as orphans.
+    launch = Launch(args, logs, nproc=2)
+    wait_for_step(launch, run, saved + 1)
+    workers = training_processes(launch.proc.pid)
+    os.kill(launch.proc.pid, signal.SIGKILL)
+    launch.proc.wait(timeout=60)
+    deadline = time.time() + 120
+    while not all(gone(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert all(gone(pid) for pid in workers), "torchrun's workers kept training after it was killed"
+    assert saved < newest_checkpoint(run) < STEPS
+    events.append(f"SIGKILL of torchrun alone after step {newest_checkpoint(run)}: workers saved and stopped")
 
     launch = Launch(args, logs, nproc=2)
     assert launch.wait(timeout=300) == 0, launch.stderr()[-3000:]
