@@ -41,9 +41,11 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name} was saved with outputs"
 
-    # The kernel inherits this environment: offline, no wandb, one thread per tiny model.
+    # The kernel inherits this environment: offline, no wandb, one thread per tiny model, and its
+    # temporary folders (tempfile.mkdtemp in the notebooks) inside this test's tmp_path.
     for key, value in {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
-                       "MPLBACKEND": "module://matplotlib_inline.backend_inline", "MM_CACHE": str(tmp_path)}.items():
+                       "MPLBACKEND": "module://matplotlib_inline.backend_inline", "MM_CACHE": str(tmp_path),
+                       "TMPDIR": str(tmp_path), "MM_MODEL_DIR": ""}.items():
         monkeypatch.setenv(key, value)
     nb.cells.insert(0, nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
     client = NotebookClient(nb, timeout=TIMEOUT, kernel_name=kernel_name(),
