@@ -201,6 +201,7 @@ class Trainer:
                 finite &= bool(torch.isfinite(loss.detach()))
                 self.acc.backward(loss / cfg.train.grad_accum)
             for k, v in {"loss": loss, **metrics}.items():
+                v = v.detach() if torch.is_tensor(v) else v
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.train.grad_accum
         n = len(next(iter(v for v in batch.values() if isinstance(v, (list, torch.Tensor)))))
         p.samples += n * cfg.train.grad_accum * self.acc.num_processes
