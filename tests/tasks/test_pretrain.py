@@ -124,19 +124,27 @@ def test_validate_reports_every_metric(tmp_path):
         assert "t2i_loss" not in vlp.validate(iter([make_batch(task.tokenizer, 4, split="val")]))
 
 
+TINY_VQ_YAML = """
+run: {stage: vq}
+vq: {codebook_size: 32, code_dim: 4, downsample: 8, channels: 8, channel_mult: [1, 1, 1, 1], mid_attention: false}
+data: {val_samples: 4, shuffle_buffer: 16}
+train: {max_steps: 2, batch_size: 4, warmup_steps: 1, checkpoint_every: 0, eval_every: 0}
+log: {every: 1}
+"""
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Three steps of `mm train configs/pretrain/shapes.yaml` (all objectives, sampled mixing)."""
-    from mm.models.vq import VQTokenizer, VQTokenizerConfig
+    """`mm train configs/pretrain/shapes.yaml` (all objectives, sampled mixing) with tiny overrides.
 
+    vq.path stays empty: the trainer first trains a 2-step VQ from vq.config and a BPE on the
+    captions, as a user's run does; then 4 pretraining steps, validation and the export.
+    """
     root = tmp_path_factory.mktemp("pretrain_run")
-    torch.manual_seed(0)
-    VQTokenizer(VQTokenizerConfig(codebook_size=32, code_dim=4, downsample=8, channels=8,
-                                  channel_mult=[1, 1, 1, 1], image_size=32, mid_attention=False)
-                ).save_pretrained(root / "vq")
+    (root / "vq_tiny.yaml").write_text(TINY_VQ_YAML)
     overrides = {
-        "run.dir": root / "run", "vq.path": root / "vq", "model.preset": "debug", "model.patch_size": 8,
-        "data.image_size": 32, "data.text_max_len": 16, "data.vocab_size": 300,
+        "run.dir": root / "run", "vq.config": root / "vq_tiny.yaml", "model.preset": "debug",
+        "model.patch_size": 8, "data.image_size": 32, "data.text_max_len": 16, "data.vocab_size": 300,
         "data.shapes_cache": root / "shapes", "data.shapes_train": 32, "data.shapes_val": 16,
         "data.val_samples": 16, "data.shuffle_buffer": 16, "train.batch_size": 4, "train.max_steps": 4,
         "train.warmup_steps": 1, "train.checkpoint_every": 0, "train.eval_every": 0, "log.every": 1,
@@ -160,6 +168,8 @@ def test_mm_train_runs_the_task_and_exports_the_bundle(trained):
     final = run / "final"
     assert (final / "config.json").exists() and (final / "model.safetensors").exists()
     assert (final / "tokenizer" / "tokenizer.json").exists() and (final / "vq" / "config.json").exists()
+    # the VQ trained first by the trainer is the one shipped with the model
+    assert (final / "vq" / "model.safetensors").read_bytes() == (run / "vq" / "final" / "model.safetensors").read_bytes()
 
 
 def test_eval_retrieval_and_caption_commands(trained, tmp_path):
