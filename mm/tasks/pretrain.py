@@ -238,11 +238,18 @@ class PretrainTask:
 # Helpers shared with the evaluation commands
 
 
-def unique_captions(captions: list[str]) -> tuple[list[str], list[int]]:
-    """Distinct captions in first-seen order and, per sample, the index of its caption."""
+def unique_captions(captions: list[str]) -> tuple[list[str], list[int], list[int]]:
+    """Distinct captions in first-seen order, per sample the index of its caption, and per
+    distinct caption the first sample that has it."""
     index: dict[str, int] = {}
-    of_sample = [index.setdefault(c.strip(), len(index)) for c in captions]
-    return list(index), of_sample
+    first: list[int] = []
+    of_sample = []
+    for i, c in enumerate(captions):
+        t = index.setdefault(c.strip(), len(index))
+        if t == len(first):
+            first.append(i)
+        of_sample.append(t)
+    return list(index), of_sample, first
 
 
 def retrieval_metrics(sim: torch.Tensor, captions: list[str], sim_t2i: torch.Tensor | None = None) -> dict:
@@ -254,8 +261,7 @@ def retrieval_metrics(sim: torch.Tensor, captions: list[str], sim_t2i: torch.Ten
     """
     from mm.eval.retrieval import recall_at_k
 
-    texts, of_sample = unique_captions(captions)
-    first = [of_sample.index(t) for t in range(len(texts))]  # a sample column per distinct text
+    _, of_sample, first = unique_captions(captions)  # a sample column per distinct text
     sim = sim[:, first]
     sim_t2i = sim_t2i[:, first] if sim_t2i is not None else None
     return recall_at_k(sim, [[t] for t in of_sample], sim_t2i=sim_t2i)
@@ -336,8 +342,8 @@ def cli_eval_retrieval(args: argparse.Namespace) -> int:
     if not captions:
         raise MMError(f"no samples with a caption in {args.data}; check it with `mm data inspect`")
     images, ids, masks = torch.cat(images), torch.cat(ids), torch.cat(masks)
-    texts, of_sample = unique_captions(captions)
-    first = torch.tensor([of_sample.index(t) for t in range(len(texts))])  # one sample per distinct text
+    texts, of_sample, first = unique_captions(captions)
+    first = torch.tensor(first)  # one sample per distinct text
     sim = torch.cat(img_emb) @ torch.cat(txt_emb)[first].t()  # (Ni, Nt)
 
     def itm_score(pairs: torch.Tensor) -> torch.Tensor:  # (P, 2) (image, text) -> (P,) match margin
