@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from mm.errors import MMError
+
 
 def _wandb_has_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -71,8 +73,12 @@ class RunLogger:
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time(), 3), **metrics}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk: one clear line, not a traceback; checkpoints stay intact
+            raise MMError(f"could not append metrics to {self.path} ({e.strerror or e}); free space and run "
+                          "the same command to resume from the newest checkpoint") from None
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
