@@ -208,3 +208,27 @@ def test_crash_as_a_checkpoint_becomes_complete_resumes_with_ema(tmp_path, shape
     assert trainer.progress.step == 2
     assert trainer.fit()["step"] == 4
     assert (run / "checkpoints" / "step_4" / "ema.safetensors").exists()
+
+
+def test_disk_full_while_logging_stops_with_one_line(tmp_path, shapes_cache, capsys, monkeypatch):
+    """A full disk under metrics.jsonl (writes go to /dev/full: ENOSPC) is a one-line error, not a
+    traceback, and the newest checkpoint stays resumable."""
+    from mm.cli import main
+    from mm.train import logger
+
+    run = tmp_path / "run"
+    args = vq_args(run, shapes_cache, **{"train.max_steps": 4})
+    real = logger.RunLogger.__init__
+
+    def full_disk(self, *a, **k):
+        real(self, *a, **k)
+        if self.enabled and (run / "checkpoints" / "step_2").exists():
+            self.path = Path("/dev/full")
+
+    assert main([*args[:1], str(ROOT / VQ_CONFIG), *args[2:], "train.stop_at_step=2"]) == 0
+    monkeypatch.setattr(logger.RunLogger, "__init__", full_disk)
+    capsys.readouterr()
+    code = main([*args[:1], str(ROOT / VQ_CONFIG), *args[2:]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "No space left on device" in err[0] and "metrics" in err[0], err
+    assert newest_checkpoint(run) == 2
