@@ -188,6 +188,11 @@ def test_two_processes_match_one_with_grad_accum(tmp_path, shapes_cache):
     proc = subprocess.run(cmd, cwd=ROOT, env=mm_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = weights(one, 4), weights(two, 4)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # The quantizer's dead-code bookkeeping (recent encoder outputs, usage counters) is per
+    # process by design; everything that is trained must match.
+    bookkeeping = ("recent", "step_usage", "steps_unused")
+    compared = [k for k in a if not any(word in k for word in bookkeeping)]
+    assert len(compared) > 10
+    for k in compared:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     assert json.loads((two / "progress.json").read_text())["samples_seen"] == 4 * 4 * 2
