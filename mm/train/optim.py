@@ -31,8 +31,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas) -> torch.optim.AdamW:
-    # foreach=False keeps CPU results bitwise reproducible across resumes and processes.
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), foreach=False)
+    # The fused kernel updates all parameters in one call (CPU and CUDA): much less Python
+    # overhead than the per-parameter loop, and still deterministic (exact resume is tested).
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), fused=True)
 
 
 def lr_at(step: int, base_lr: float, warmup: int, max_steps: int, min_ratio: float) -> float:
