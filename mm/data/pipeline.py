@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mm.data.shards import expand_shards, read_sizes
+from mm.data.shards import expand_shards, questions_of, read_sizes
 from mm.data.transforms import check_sample, image_key, load_image, sample_seed, to_tensor
 from mm.errors import MMError
 
@@ -120,7 +120,7 @@ def read_shard(url: str, counts: Counter | None, expected: int | None = None):
 
 def _expand_vqa(sample: dict):
     """One item per question, sharing the image bytes."""
-    for q, qa in enumerate(sample["meta"]["qa"]):
+    for q, qa in enumerate(questions_of(sample["meta"])):
         answers = [str(a) for a in qa.get("answers", [])]
         yield {**sample, "question": str(qa.get("question", "")), "answers": answers,
                "answer_type": str(qa.get("answer_type", "")),
@@ -412,7 +412,7 @@ def _questions_per_sample(urls: list[str]) -> int:
     for url in urls:
         for sample in read_shard(url, None):
             try:
-                return max(1, len(json.loads(sample.get("json", b"{}")).get("qa", [])))
+                return max(1, len(questions_of(json.loads(sample.get("json", b"{}"))) or []))
             except (ValueError, AttributeError):
                 continue
     return 1

@@ -144,3 +144,16 @@ def count_samples(urls: list[str]) -> int:
         raise MMError(f"no sample count for {unknown[0]} in sizes.json beside it; "
                       "write shards with mm (`mm data ingest`) or add sizes.json")
     return sum(sizes.values())
+
+
+def questions_of(meta) -> list | None:
+    """The VQA questions of a sample's metadata: ``meta["qa"]`` (the shapes format, several per
+    image) or a single top-level ``{"question", "answers", "answer_type"}`` (one per sample);
+    None when it has neither."""
+    if not isinstance(meta, dict):
+        return None
+    if isinstance(meta.get("qa"), list):
+        return meta["qa"]
+    if "question" in meta and "answers" in meta:
+        return [{k: meta[k] for k in ("question", "answers", "answer_type") if k in meta}]
+    return None

@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from mm.data.shards import questions_of
 from mm.errors import MMError
 
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "[MASK]"]  # ids 0..4 in this order
@@ -186,7 +187,7 @@ def captions_from_shards(spec: str | list[str], stats: dict | None = None):
         except ValueError:
             stats["errors"] += 1
             continue
-        qas = meta.get("qa") if isinstance(meta, dict) else None
+        qas = questions_of(meta)
         for qa in qas if isinstance(qas, list) else []:
             if isinstance(qa, dict):
                 if isinstance(qa.get("question"), str):

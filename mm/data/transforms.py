@@ -21,6 +21,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from mm.data.shards import questions_of
+
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
 # Random-resized-crop jitter: the crop keeps 80–100 % of the centred square's area and bends its
@@ -85,7 +87,7 @@ def check_sample(sample: dict, mode: str) -> str | None:
         return "missing_caption"
     sample["caption"] = caption
     if mode == "vqa":
-        qa = sample["meta"].get("qa")
+        qa = questions_of(sample["meta"])
         if not isinstance(qa, list) or not qa:
             return "no_questions"
         if not all(isinstance(q, dict) and isinstance(q.get("answers", []), list) for q in qa):

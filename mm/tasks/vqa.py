@@ -97,7 +97,7 @@ def most_common_answer(answers: list[str]) -> str:
 def answers_from_shards(sources: list[str]):
     """Each training question's answer list, in shard order (unreadable shards are skipped)."""
     from mm.data.pipeline import read_shard
-    from mm.data.shards import expand_shards
+    from mm.data.shards import expand_shards, questions_of
 
     for source in sources:
         for url in expand_shards(source):
@@ -106,7 +106,7 @@ def answers_from_shards(sources: list[str]):
                     meta = json.loads(sample.get("json", b"{}"))
                 except (ValueError, UnicodeDecodeError):
                     continue
-                qas = meta.get("qa") if isinstance(meta, dict) else None
+                qas = questions_of(meta)
                 for qa in qas if isinstance(qas, list) else []:
                     if isinstance(qa, dict) and isinstance(qa.get("answers"), list):
                         yield [str(a) for a in qa["answers"]]
