@@ -220,6 +220,18 @@ def decode_step_fn(compile: bool | str):
     return _COMPILED[backend]
 
 
+def branch_context(model, text, uncond, params: SamplingParams, batch: int):
+    """The text context the sampler runs on: the null context (no text), the prompts (no
+    guidance), or prompts and unconditional branch stacked into one batch of 2B rows (CFG).
+    Returns (states, mask, guided)."""
+    guided = text is not None and params.uses_guidance
+    if text is None:
+        return (*model.null_context(batch), False)
+    if guided:
+        return (*cfg_context(text, uncond, model), True)  # (2B, Lt, D), (2B, Lt)
+    return (*text, False)
+
+
 @torch.no_grad()
 def sample_codes(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor, params: SamplingParams,
                  uncond: tuple[Tensor, Tensor] | None = None, cache: str = "static",
@@ -236,13 +248,7 @@ def sample_codes(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor, param
         raise MMError("compiled sampling needs cache='static' (a growing cache changes shape every step)")
     h, w = model.config.code_grid
     n_codes, batch = h * w, seeds.shape[0]
-    cfg = text is not None and params.uses_guidance
-    if text is None:
-        states, mask = model.null_context(batch)
-    elif cfg:
-        states, mask = cfg_context(text, uncond, model)  # (2B, Lt, D), (2B, Lt)
-    else:
-        states, mask = text
+    states, mask, cfg = branch_context(model, text, uncond, params, batch)  # (B or 2B, Lt, D)
     scales = guidance_scales(params, n_codes, seeds.device)  # (N,)
     positions = torch.arange(n_codes, device=seeds.device)  # (N,) tensors: no recompiles per step
     step = decode_step_fn(compile)
@@ -270,13 +276,7 @@ def sample_codes_uncached(model, text: tuple[Tensor, Tensor] | None, seeds: Tens
     params.check()
     h, w = model.config.code_grid
     n_codes, batch = h * w, seeds.shape[0]
-    cfg = text is not None and params.uses_guidance
-    if text is None:
-        states, mask = model.null_context(batch)
-    elif cfg:
-        states, mask = cfg_context(text, uncond, model)
-    else:
-        states, mask = text
+    states, mask, cfg = branch_context(model, text, uncond, params, batch)
     scales = guidance_scales(params, n_codes, seeds.device)
     codes = torch.zeros(states.shape[0], n_codes, dtype=torch.long, device=seeds.device)
     for n in range(n_codes):
