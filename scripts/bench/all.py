@@ -31,16 +31,16 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
-# name -> (script, full args, quick args). Order = run order.
+# name -> (script, full args, quick args or None = skipped by --quick). Order = run order.
 BENCHES = {
     "train_step": ("train_step.py", [], ["--quick"]),
     "sample": ("sample.py", [], ["--quick"]),
-    "data": ("data.py", [], ["--png-samples", "1000", "--jpg-samples", "200", "--batches", "10",
+    "data": ("data.py", ["--batches", "15"], ["--png-samples", "1000", "--jpg-samples", "200", "--batches", "10",
                              "--jpg-out", "64", "--workers", "0", "2"]),
     "demo_step": ("demo_step.py", ["--profile"], ["--quick", "--profile"]),
     "vq": ("vq.py", [], ["--quick"]),
     "scaling": ("scaling.py", [], ["--quick"]),
-    "memory": ("memory.py", [], []),
+    "memory": ("memory.py", [], None),  # None: not in --quick (the fast demo alone takes ~3 minutes)
     "profile": ("profile_step.py", [], ["--quick"]),
 }
 OPTIONAL = {"memory_full": ("memory.py", ["--full"])}  # only with --reuse (or --only memory_full)
@@ -147,7 +147,8 @@ def goal_rows(runs: dict) -> list[dict]:
             peak = m.get("peak_mb") if m else None
             add(f"{label} peak memory", peak, "{:,.0f} MB", "≤ 3 GB (3,072 MB)", lambda v: v <= 3072, name,
                 f"largest process {m['peak_rss_mb']:,.0f} MB RSS, whole tree {m['peak_tree_pss_mb']:,.0f} MB PSS, "
-                f"{m['wall_s'] / 60:.1f} min" if m else "")
+                f"{m['wall_s'] / 60:.1f} min" if m else "not run (--quick skips the ~3 min demo): "
+                "`python scripts/bench/memory.py`")
     return rows
 
 
@@ -329,7 +330,8 @@ def main(argv=None) -> int:
         f" --threads {args.threads}" if args.threads else "") + "".join(f" --reuse {r}" for r in args.reuse)
     result = {"command": command, "quick": args.quick, "machine": machine(), "load_start": load(), "runs": {}}
     t0 = time.perf_counter()
-    todo = {n: (s, q if args.quick else f) for n, (s, f, q) in BENCHES.items()}
+    todo = {n: (s, q if args.quick and q is not None else f) for n, (s, f, q) in BENCHES.items()
+            if not (args.quick and q is None) or n in reuse}
     if args.plots:
         todo["scaling"] = (todo["scaling"][0], todo["scaling"][1] + ["--plots", args.plots])
     todo.update({n: (s, f) for n, (s, f) in OPTIONAL.items() if n in reuse or (args.only and n in args.only)})

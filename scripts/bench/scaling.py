@@ -70,7 +70,7 @@ def train_point(preset: str, batch: int, dtype: str, steps: int, warmup: int) ->
     model = create_model(preset).train()
     cfg = model.config
     b = t2i_batch(cfg, batch)
-    flops = step_flops(model, b, dtype)
+    flops = batch * step_flops(model, t2i_batch(cfg, 1), dtype)  # FLOPs are linear in the batch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
     for i in range(warmup + steps):
@@ -132,6 +132,7 @@ def plot_training(points: list[dict], path: Path) -> None:
                              fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax1.set_xscale("log")
     ax1.set_yscale("log")
+    ax1.margins(x=0.2, y=0.2)  # room for the preset labels
     ax1.set_xlabel("parameters (M)")
     ax1.set_ylabel("image tokens/s (train step)", color="C0")
     ax2.set_ylabel("model GFLOP/s", color="C3")
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", nargs="+", default=["debug", "tiny", "small", "base"])
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=3, help="timed training steps per point (median)")
+    ap.add_argument("--steps", type=int, default=2, help="timed training steps per point (median)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--sample-preset", default="small")
     ap.add_argument("--sides", type=int, nargs="+", default=[8, 16, 24, 32], help="code grid sides")
