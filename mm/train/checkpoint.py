@@ -226,16 +226,80 @@ def load_module(module: torch.nn.Module, path: Path) -> None:
                       "the checkpoint does not match this config") from None
 
 
-def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], rank: int) -> tuple[dict, dict]:
-    """Load modules in place; return (state, progress). RNG is restored for ``rank``."""
+def load_modules(path: Path, modules: dict[str, torch.nn.Module]) -> None:
+    """Load each module from ``path/<name>.safetensors`` in place (plain, unsharded modules)."""
     for name, module in modules.items():
         f = path / f"{name}.safetensors"
         if not f.exists():
             raise MMError(f"checkpoint {path} lacks {f.name}; it was written by another config")
         load_module(module, f)
+
+
+def load_state(path: Path, rank: int) -> tuple[dict, dict]:
+    """Return (state, progress) of a checkpoint and restore ``rank``'s RNG states."""
     state = safe_torch_load(path / "state.pt")
     progress = json.loads((path / "progress.json").read_text())
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.exists():  # absent when resuming on more processes than saved
         set_rng_state(safe_torch_load(rng_file))
     return state, progress
+
+
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], rank: int) -> tuple[dict, dict]:
+    """Load modules in place; return (state, progress). RNG is restored for ``rank``."""
+    load_modules(path, modules)
+    return load_state(path, rank)
+
+
+# --- Sharded (FSDP) training: the same files as a single process -------------------------------
+#
+# Under FSDP each process holds 1/N of every parameter and of its optimizer state (DTensors).
+# Checkpoints still hold the full tensors in the single-process layout, so a run can be resumed
+# or exported whatever launcher wrote it: weights are gathered to rank 0 before saving, and the
+# optimizer state is numbered the way torch.optim's own ``state_dict()`` numbers parameters.
+
+
+def full_tensors(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """Gather sharded tensors (DTensors) whole, one at a time, on CPU; every process must call
+    this (it is a collective). Returns them where ``keep`` (rank 0), else an empty dict."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach()
+        full = v.full_tensor() if isinstance(v, DTensor) else v
+        if keep:
+            out[k] = full.cpu()
+    return out
+
+
+def shard_like(full: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full tensors cut the way ``like``'s DTensors are sharded and shaped (plain tensors stay plain)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    out = {}
+    for k, v in full.items():
+        ref = like.get(k)
+        if isinstance(ref, DTensor):
+            v = distribute_tensor(v.reshape(ref.shape).to(ref.device), ref.device_mesh, ref.placements)
+        out[k] = v
+    return out
+
+
+def optimizer_by_index(state: dict) -> dict:
+    """A name-keyed optimizer state (torch.distributed.checkpoint's full form) in torch.optim's
+    own form: parameters numbered 0, 1, … in param-group order."""
+    order = [name for group in state["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    return {"state": {index[name]: s for name, s in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
+
+
+def optimizer_by_name(state: dict, names: list[str]) -> dict:
+    """The inverse of ``optimizer_by_index``: ``names[i]`` is the name of parameter number i."""
+    n_params = sum(len(g["params"]) for g in state["param_groups"])
+    if n_params != len(names):
+        raise MMError(f"the checkpoint's optimizer state has {n_params} parameters, this model {len(names)}; "
+                      "it was written by another config")
+    return {"state": {names[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}

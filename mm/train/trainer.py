@@ -8,11 +8,17 @@ task). One ``step`` is one optimizer update over ``train.grad_accum`` micro-batc
 Exact resume: model, optimizer, grad scaler, EMA, every process's RNG states and the data
 stream position (batches consumed) are checkpointed; per-sample randomness in the data comes
 from sample keys, so a resumed run on CPU is bitwise identical to an uninterrupted one.
+
+Launchers: one process, DDP (torchrun / accelerate), FSDP2 (``ACCELERATE_USE_FSDP=true``, e.g.
+``configs/accelerate/fsdp.yaml``; also on CPU with gloo) and DeepSpeed (untested, GPUs only).
+Under FSDP checkpoints and exports still hold full tensors in the single-process layout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import importlib.util
 import math
 import os
 import random
@@ -103,6 +109,84 @@ def _add_skipped(total: dict, new: dict | None) -> None:
         total[reason] = total.get(reason, 0) + int(n)
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
+
+
+def check_launcher() -> None:
+    """Refuse, before Accelerate starts, a DeepSpeed launch that cannot work here (one line)."""
+    if not _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return
+    if importlib.util.find_spec("deepspeed") is None:
+        raise MMError("the launcher selected DeepSpeed but the deepspeed package is not installed; `pip install "
+                      "deepspeed` on a GPU machine, or launch with configs/accelerate/ddp.yaml or fsdp.yaml")
+    if not torch.cuda.is_available():
+        raise MMError("DeepSpeed needs GPUs (on CPU Accelerate would silently train with plain DDP); on CPU launch "
+                      "with torchrun (DDP) or configs/accelerate/fsdp.yaml (FSDP)")
+
+
+def use_fsdp(acc) -> bool:
+    """True when the launcher asked for FSDP (``ACCELERATE_USE_FSDP=true`` and ``FSDP_*`` variables,
+    as ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` sets them).
+
+    Accelerate 1.15 turns FSDP on only for GPU-like devices: on CPU processes its state silently
+    stays MULTI_CPU (plain DDP), even with an explicit plugin. FSDP2 itself runs on CPU with gloo,
+    so there mm switches the state to FSDP the way Accelerate does on GPUs; sharding, clipping and
+    no_sync are then Accelerate's own FSDP2 code.
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if _env_flag("ACCELERATE_USE_FSDP") and acc.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* environment
+        if acc.mixed_precision != "no":
+            plugin.set_mixed_precision(acc.mixed_precision)
+        acc.state.distributed_type = DistributedType.FSDP
+        acc.state.fsdp_plugin = plugin
+    if acc.distributed_type != DistributedType.FSDP:
+        return False
+    if not acc.is_fsdp2:
+        raise MMError("mm trains with FSDP version 2 only; set fsdp_version: 2 in the accelerate config (FSDP_VERSION=2)")
+    return True
+
+
+def configure_deepspeed(acc, cfg: Config) -> None:
+    """DeepSpeed reads the micro-batch size from the DataLoader passed to ``prepare``; mm keeps its
+    webdataset loader out of ``prepare`` (DESIGN.md §7), so the sizes come from the config."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if cfg.train.grad_accum != 1:
+        raise MMError("with DeepSpeed use train.grad_accum=1 (DeepSpeed would accumulate on top of mm's own "
+                      "accumulation); raise train.batch_size instead, or use DDP or FSDP")
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    ds["train_batch_size"] = cfg.train.batch_size * acc.num_processes
+    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_clipping"] = cfg.train.grad_clip
+
+
+def lift_scalars(model: torch.nn.Module) -> dict[str, torch.Size]:
+    """FSDP2 cannot shard 0-dim parameters (torch: "fully_shard doesn't support scalar
+    parameters"), e.g. the contrastive logit scale: while training each is held as a 1-element
+    vector (broadcasting computes the same); checkpoints keep the original shape. Returns
+    {name: original shape} of the lifted parameters."""
+    lifted = {}
+    for name, p in list(model.named_parameters()):
+        if p.ndim == 0:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, torch.nn.Parameter(p.detach().reshape(1), p.requires_grad))
+            lifted[name] = p.shape
+    return lifted
+
+
+def _as_float(x) -> float:
+    """A Python float from a number, a tensor or a replicated DTensor (FSDP's gradient norm)."""
+    if hasattr(x, "full_tensor"):
+        x = x.full_tensor()
+    return float(x.detach()) if torch.is_tensor(x) else float(x)
+
+
 def _any_rank(accelerator, *flags: bool) -> list[bool]:
     """Per flag: True if it is True on any process (one collective for all flags)."""
     t = torch.tensor([float(f) for f in flags], device=accelerator.device)
@@ -114,7 +198,10 @@ def _any_rank(accelerator, *flags: bool) -> list[bool]:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        check_launcher()
         self.acc = make_accelerator(cfg)
+        self.fsdp = use_fsdp(self.acc)
+        configure_deepspeed(self.acc, cfg)
         seed_everything(cfg.run.seed)  # same on every process: identical initial weights
         self.run_dir = prepare_run_dir(cfg, self.acc)
         self.data_cfg = resolve_sources(cfg, self.acc)
@@ -125,13 +212,26 @@ class Trainer:
         if hasattr(self.task, "setup"):
             self.task.setup(self.run_dir, self.acc)
         self.progress = Progress()
+        resume_from = ckpt.latest_checkpoint(self.run_dir)
+        if resume_from is not None:  # into the plain modules, before a wrapper may shard them
+            ckpt.load_modules(resume_from, self._modules())
         t = cfg.train
-        self.optimizer = make_optimizer(self.task.model, t.lr, t.weight_decay, t.betas)
         disc = getattr(self.task, "discriminator", None)
         self.disc_optimizer = make_optimizer(disc, t.lr, 0.0, t.betas) if disc is not None else None
-        self.ema = EMA(self.task.model, t.ema_decay) if t.ema_decay > 0 else None
+        # Under FSDP rank 0 keeps a plain copy of the model: the gathered weights are loaded into
+        # it to write checkpoints and exports in the single-process layout.
+        self.plain_model = copy.deepcopy(self.task.model) if self.fsdp and self.acc.is_main_process else None
+        self.lifted = lift_scalars(self.task.model) if self.fsdp else {}
+        self.optimizer = make_optimizer(self.task.model, t.lr, t.weight_decay, t.betas)
         self.module, self.optimizer = self.acc.prepare(TaskModule(self.task), self.optimizer)
-        self._resume()
+        if self.fsdp and self.acc.is_main_process:
+            from torch.distributed.fsdp import FSDPModule
+
+            units = sum(isinstance(m, FSDPModule) for m in self.module.modules())
+            print(f"mm: FSDP2 over {self.acc.num_processes} processes, {units} sharded units", flush=True)
+        # After prepare: under FSDP the averaged weights are sharded like the model's.
+        self.ema = EMA(self.task.model, t.ema_decay) if t.ema_decay > 0 else None
+        self._resume(resume_from)
         if self.progress.step == 0:  # fresh run: each process its own stream for training-time randomness
             seed_everything(cfg.run.seed + 1000 * self.acc.process_index)
         self.loader = make_loader(self.data_cfg, self.task, self.acc, train=True, start_batch=self.progress.batches)
@@ -146,26 +246,71 @@ class Trainer:
             mods["discriminator"] = self.task.discriminator
         return mods
 
-    def _resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.run_dir)
+    def _resume(self, path: Path | None) -> None:
+        """Everything but the weights (loaded before prepare) from checkpoint ``path``."""
         if path is None:
             return
-        state, progress = ckpt.load_checkpoint(path, self._modules(), self.acc.process_index)
-        self.optimizer.optimizer.load_state_dict(state["optimizer"])
+        state, progress = ckpt.load_state(path, self.acc.process_index)
+        self._load_optimizer(state["optimizer"])
         if self.disc_optimizer is not None:
             self.disc_optimizer.load_state_dict(state["disc_optimizer"])
         if self.acc.scaler is not None and state.get("scaler"):
             self.acc.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+            if self.fsdp:
+                self.ema.shadow = ckpt.shard_like(self.ema.shadow, self.task.model.state_dict())
         if hasattr(self.task, "load_state_dict") and "task" in state:
             self.task.load_state_dict(state["task"])
         self.progress = Progress(**progress["progress"])
         if self.acc.is_main_process:
             print(f"mm: resuming {self.run_dir} from {path.name}", flush=True)
 
+    def _load_optimizer(self, state: dict) -> None:
+        opt = self.optimizer.optimizer
+        if not self.fsdp:
+            opt.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        # Every process reads the full state and keeps its own shard of it.
+        name_of = {id(p): name for name, p in self.module.named_parameters()}
+        names = [name_of[id(p)] for group in opt.param_groups for p in group["params"]]
+        state = ckpt.optimizer_by_name(state, names)
+        for name in self.lifted:  # per-parameter tensors as 1-element vectors (lift_scalars)
+            s = state["state"].get(f"model.{name}", {})
+            s.update({k: v.reshape(1) for k, v in s.items() if k != "step" and torch.is_tensor(v) and v.ndim == 0})
+        set_optimizer_state_dict(self.module, opt, state, options=StateDictOptions(full_state_dict=True))
+
+    def _optimizer_state(self) -> dict:
+        """The optimizer state in torch.optim's layout; under FSDP gathered on rank 0 (a collective)."""
+        opt = self.optimizer.optimizer
+        if not self.fsdp:
+            return opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = get_optimizer_state_dict(self.module, opt,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.acc.is_main_process:
+            return {}
+        for name, shape in self.lifted.items():  # back to the single-process shapes
+            s = full["state"].get(f"model.{name}", {})
+            s.update({k: v.reshape(shape) for k, v in s.items() if k != "step" and torch.is_tensor(v)})
+        return ckpt.optimizer_by_index(full)
+
+    def _full_modules(self) -> dict:
+        """The modules to write, with full weights on rank 0 (under FSDP a collective: gathered
+        into the plain copy)."""
+        mods = self._modules()
+        if self.fsdp:
+            full = ckpt.full_tensors(self.task.model.state_dict(), keep=self.acc.is_main_process)
+            if self.plain_model is not None:
+                self.plain_model.load_state_dict({k: v.reshape(self.lifted.get(k, v.shape)) for k, v in full.items()})
+                mods["model"] = self.plain_model
+        return mods
+
     def save(self) -> Path:
-        state = {"optimizer": self.optimizer.optimizer.state_dict()}
+        state = {"optimizer": self._optimizer_state()}
         if self.disc_optimizer is not None:
             state["disc_optimizer"] = self.disc_optimizer.state_dict()
         if self.acc.scaler is not None:
@@ -177,8 +322,14 @@ class Trainer:
                     "data_batches": self.progress.batches}
         # The EMA goes inside the checkpoint before it is marked complete: written afterwards, a
         # crash in between would leave a "complete" checkpoint that cannot be resumed.
-        tensors = {"ema": self.ema.state_dict()} if self.ema is not None else None
-        return ckpt.save_checkpoint(self.acc, self.run_dir, self.progress.step, self._modules(), state,
+        tensors = None
+        if self.ema is not None:
+            ema = self.ema.state_dict()
+            if self.fsdp:
+                full = ckpt.full_tensors(ema, self.acc.is_main_process)
+                ema = {k: v.reshape(self.lifted.get(k, v.shape)) for k, v in full.items()}
+            tensors = {"ema": ema}
+        return ckpt.save_checkpoint(self.acc, self.run_dir, self.progress.step, self._full_modules(), state,
                                     progress, self.cfg.train.keep_checkpoints, tensors)
 
     # --- one step ------------------------------------------------------------------------------
@@ -213,7 +364,7 @@ class Trainer:
             return {"nonfinite_steps": p.nonfinite_total}
         p.nonfinite = 0
         if cfg.train.grad_clip > 0:
-            sums["grad_norm"] = float(self.acc.clip_grad_norm_(self.task.model.parameters(), cfg.train.grad_clip))
+            sums["grad_norm"] = _as_float(self.acc.clip_grad_norm_(self.task.model.parameters(), cfg.train.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.disc_optimizer is not None:
@@ -227,7 +378,8 @@ class Trainer:
 
     def _discriminator_step(self, batch, step) -> dict:
         disc = self.task.discriminator
-        loss, metrics = self.task.discriminator_loss(batch, step)
+        with self._unsharded():  # it runs the generator outside the wrapped forward
+            loss, metrics = self.task.discriminator_loss(batch, step)
         if loss.requires_grad:
             self.acc.backward(loss)
             if self.acc.num_processes > 1:  # plain gradient averaging: the discriminator is not DDP-wrapped
@@ -240,6 +392,27 @@ class Trainer:
         return {"disc_loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
 
     # --- validation ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _unsharded(self):
+        """Under FSDP, gather the parameters the root unit holds while the task calls its model
+        directly (validation, images), outside the wrapped forward that would gather them; each
+        wrapped block still gathers its own when called. Every process must enter."""
+        if not self.fsdp:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        self.module.unshard()
+        try:
+            yield
+        finally:
+            # Every unit: those with reshard_after_forward=False (Accelerate's embedding/final-norm
+            # group) stay gathered after a no-grad forward, and training would reuse that copy
+            # (here: the EMA weights swapped in for validation).
+            for unit in self.module.modules():
+                if isinstance(unit, FSDPModule):
+                    unit.reshard()
 
     @contextlib.contextmanager
     def _eval_weights(self):
@@ -259,8 +432,9 @@ class Trainer:
                 model.load_state_dict(backup)
 
     def validate(self) -> dict:
+        """One ordered pass on rank 0 (under FSDP on every process: each forward is a collective)."""
         metrics = {}
-        if self.acc.is_main_process and hasattr(self.task, "validate"):
+        if (self.acc.is_main_process or self.fsdp) and hasattr(self.task, "validate"):
             n_batches = max(1, math.ceil(self.cfg.data.val_samples / self.cfg.train.batch_size))
             loader = make_loader(self.data_cfg, self.task, self.acc, train=False)
 
@@ -272,7 +446,7 @@ class Trainer:
                     yield to_device(b, self.acc.device)
 
             # fork_rng: validation never changes the training RNG stream (exact resume).
-            with torch.random.fork_rng(devices=[]), self._eval_weights(), torch.no_grad():
+            with torch.random.fork_rng(devices=[]), self._eval_weights(), self._unsharded(), torch.no_grad():
                 metrics = {f"val/{k}": v for k, v in self.task.validate(batches()).items()}
                 if hasattr(self.task, "images"):
                     first = next(iter(batches()), None)
@@ -284,7 +458,16 @@ class Trainer:
 
     def export(self) -> Path:
         out = self.run_dir / "final"
-        if self.acc.is_main_process:
+        if self.fsdp:  # the task exports its model: give it rank 0's plain copy with the full weights
+            with self._eval_weights():
+                model = self._full_modules()["model"]
+            if self.acc.is_main_process:
+                sharded, self.task.model = self.task.model, model
+                try:
+                    self.task.export(out)
+                finally:
+                    self.task.model = sharded
+        elif self.acc.is_main_process:
             with self._eval_weights():
                 self.task.export(out)
         self.acc.wait_for_everyone()
