@@ -61,9 +61,10 @@ class VQConfig:
     config: str = ""  # VQ training config (relative to this file) used when vq.path is empty
     codebook_size: int = 512
     code_dim: int = 8  # low-dimensional l2-normalised lookup (LlamaGen style)
-    downsample: int = 4  # 4, 8 or 16
+    downsample: int = 4  # 4, 8 or 16 = patch_size * 2 ** (len(channel_mult) - 1)
+    patch_size: int = 1  # space-to-depth stem: p x p pixel patches become channels before the encoder
     channels: int = 64
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # log2(downsample)+1 values
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # log2(downsample/patch_size)+1 values
     layers_per_block: int = 1
     mid_attention: bool = True  # self-attention in the encoder/decoder middle blocks
     quantizer: str = "l2"  # l2 | ema
@@ -333,7 +334,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 MINIMUMS = {
     "model.width": 1, "model.depth": 1, "model.heads": 1, "model.patch_size": 1, "model.text_width": 1,
     "model.text_depth": 1, "model.text_heads": 1, "model.decoder_depth": 0,
-    "vq.code_dim": 1, "vq.channels": 1, "vq.channel_mult": 1, "vq.layers_per_block": 1,
+    "vq.code_dim": 1, "vq.patch_size": 1, "vq.channels": 1, "vq.channel_mult": 1, "vq.layers_per_block": 1,
     "vq.dead_code_steps": 0, "vq.disc_start": 0,
     "data.vocab_size": 1, "data.shuffle_buffer": 1, "data.shapes_train": 1, "data.shapes_val": 0,
     "data.val_samples": 0, "train.warmup_steps": 0, "train.eval_every": 0, "train.max_nonfinite": 1,

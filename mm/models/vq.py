@@ -50,7 +50,8 @@ WEIGHTS_NAME = "model.safetensors"
 class VQTokenizerConfig:
     codebook_size: int = 512
     code_dim: int = 8
-    downsample: int = 4  # 4, 8 or 16 = 2 ** (len(channel_mult) - 1)
+    downsample: int = 4  # 4, 8 or 16 = patch_size * 2 ** (len(channel_mult) - 1)
+    patch_size: int = 1  # space-to-depth stem (1 = none): p x p pixels -> 3·p² channels
     channels: int = 64
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # one per resolution
     layers_per_block: int = 1
@@ -66,11 +67,15 @@ class VQTokenizerConfig:
     def check(self) -> VQTokenizerConfig:
         if self.downsample not in (4, 8, 16):
             raise MMError(f"vq.downsample is {self.downsample}; use 4, 8 or 16")
-        need = int(math.log2(self.downsample)) + 1
+        if self.patch_size not in (1, 2, 4, 8, 16) or self.patch_size > self.downsample:
+            raise MMError(f"vq.patch_size is {self.patch_size}; use 1, 2, 4, 8 or 16, at most "
+                          f"vq.downsample ({self.downsample})")
+        need = int(math.log2(self.downsample // self.patch_size)) + 1
         if len(self.channel_mult) != need:
             example = ([1, 2, 2, 4, 4])[:need]
             raise MMError(f"vq.channel_mult has {len(self.channel_mult)} values but downsample "
-                          f"{self.downsample} needs {need} (one per resolution), e.g. {example}")
+                          f"{self.downsample} with patch_size {self.patch_size} needs {need} "
+                          f"(one per resolution after the stem), e.g. {example}")
         if self.quantizer not in ("l2", "ema"):
             raise MMError(f"vq.quantizer is '{self.quantizer}'; use l2 or ema")
         if self.codebook_size < 2 or self.code_dim < 1:
@@ -239,13 +244,17 @@ class VQTokenizer(nn.Module):
         # GroupNorm with >= 4 channels per group (as diffusers' 32 groups of 128 channels); with
         # one channel per group it would act as InstanceNorm and erase each channel's mean colour.
         groups = math.gcd(max(1, min(32, cfg.channels // 4)), *widths)
-        # Each diffusers block but the last halves the resolution: factor 2 ** (n - 1).
-        self.encoder = Encoder(in_channels=3, out_channels=cfg.code_dim, double_z=False,
+        # The stem turns p x p pixel patches into 3·p² channels (pixel_unshuffle), so the
+        # diffusers stack runs at 1/p resolution: p² times cheaper per layer, and the decoder's
+        # last conv predicts every pixel of a patch directly (sharp, pixel-exact edges).
+        # Each diffusers block but the last halves the resolution: factor p · 2 ** (n - 1).
+        pixels = 3 * cfg.patch_size**2
+        self.encoder = Encoder(in_channels=pixels, out_channels=cfg.code_dim, double_z=False,
                                down_block_types=("DownEncoderBlock2D",) * n, block_out_channels=widths,
                                layers_per_block=cfg.layers_per_block, norm_num_groups=groups,
                                mid_block_add_attention=cfg.mid_attention)
         self.quantizer = Quantizer(cfg)
-        self.decoder = Decoder(in_channels=cfg.code_dim, out_channels=3,
+        self.decoder = Decoder(in_channels=cfg.code_dim, out_channels=pixels,
                                up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=widths,
                                layers_per_block=cfg.layers_per_block, norm_num_groups=groups,
                                mid_block_add_attention=cfg.mid_attention)
@@ -260,17 +269,23 @@ class VQTokenizer(nn.Module):
 
     def forward(self, images: torch.Tensor):
         """images (B, 3, H, W) in [-1, 1] -> (recon (B, 3, H, W), aux with losses and indices)."""
-        self._check_images(images)
-        z_e = self.encoder(images)  # (B, d, h, w)
+        z_e = self._encode(images)  # (B, d, h, w)
         z_q, _idx, aux = self.quantizer(z_e)
-        recon = self.decoder(z_q)  # (B, 3, H, W)
-        return recon, aux
+        return self._decode(z_q), aux  # (B, 3, H, W)
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> encoder output z_e (B, d, H/f, W/f)."""
+        self._check_images(images)
+        return self.encoder(F.pixel_unshuffle(images, self.cfg.patch_size))  # stem: (B, 3p², H/p, W/p)
+
+    def _decode(self, z_q: torch.Tensor) -> torch.Tensor:
+        """z_q (B, d, h, w) -> images (B, 3, h·f, w·f)."""
+        return F.pixel_shuffle(self.decoder(z_q), self.cfg.patch_size)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1] -> codes (B, H/f, W/f) long."""
-        self._check_images(images)
-        z_e = self.encoder(images)  # (B, d, h, w)
+        z_e = self._encode(images)  # (B, d, h, w)
         B, d, h, w = z_e.shape
         z = self.quantizer.prepare(z_e.permute(0, 2, 3, 1).reshape(-1, d).float())
         return self.quantizer.nearest(z).view(B, h, w)
@@ -285,7 +300,7 @@ class VQTokenizer(nn.Module):
                           f"[{int(codes.min())}, {int(codes.max())}]")
         z_q = self.quantizer.codebook()[codes]  # (B, h, w, d)
         weight = self.decoder.conv_in.weight
-        return self.decoder(z_q.permute(0, 3, 1, 2).to(weight.dtype))
+        return self._decode(z_q.permute(0, 3, 1, 2).to(weight.dtype))
 
     def after_step(self, step: int) -> int:
         return self.quantizer.after_step(step)

@@ -33,7 +33,38 @@ def test_encode_decode_shapes(factor):
     assert vq.encode(torch.zeros(1, 3, 32, 64)).shape == (1, 32 // factor, 64 // factor)
 
 
+@pytest.mark.parametrize("factor,patch,mult", [(4, 4, [1]), (4, 2, [1, 2]), (8, 4, [1, 2]), (16, 4, [1, 1, 2])])
+def test_patch_stem_shapes_and_export(factor, patch, mult, tmp_path):
+    vq = VQTokenizer(tiny(downsample=factor, patch_size=patch, channel_mult=mult, image_size=32)).eval()
+    assert vq.encoder.conv_in.in_channels == 3 * patch * patch  # the stem feeds p x p pixel patches
+    x = torch.rand(2, 3, 32, 48) * 2 - 1
+    codes = vq.encode(x)
+    assert codes.shape == (2, 32 // factor, 48 // factor)
+    assert vq.decode(codes).shape == (2, 3, 32, 48)
+    vq.save_pretrained(tmp_path / "vq")
+    assert torch.equal(VQTokenizer.from_pretrained(tmp_path / "vq").decode(codes), vq.decode(codes))
+
+
+def test_patch_stem_is_space_to_depth():
+    """The encoder sees pixel (r, c) of patch (i, j) as channel (ch, r, c) at (i, j), and the
+    decoder's channels go back to the same pixels: the stem loses nothing and mixes no patches."""
+    vq = VQTokenizer(tiny(downsample=4, patch_size=4, channel_mult=[1], image_size=16)).eval()
+    seen = {}
+    vq.encoder.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    vq.encode(x)
+    stem = seen["x"]  # (B, 3·16, 2, 2)
+    assert stem.shape == (2, 48, 2, 2)
+    assert stem[1, 2 * 16 + 1 * 4 + 3, 1, 0] == x[1, 2, 4 + 1, 0 + 3]  # channel 2, row 1, col 3 of patch (1, 0)
+    vq.decoder.forward = lambda z: stem  # decoder output = the stem input: the image comes back exactly
+    assert torch.equal(vq._decode(torch.zeros(2, 4, 2, 2)), x)
+
+
 def test_bad_config_and_inputs_are_one_line_errors():
+    with pytest.raises(MMError, match="patch_size"):
+        VQTokenizer(tiny(downsample=4, patch_size=8, channel_mult=[1]))
+    with pytest.raises(MMError, match="patch_size 2 needs 2"):
+        VQTokenizer(tiny(downsample=4, patch_size=2, channel_mult=[1, 2, 2]))
     with pytest.raises(MMError, match="channel_mult"):
         VQTokenizer(tiny(downsample=8, channel_mult=[1, 2, 2]))
     with pytest.raises(MMError, match="downsample"):
