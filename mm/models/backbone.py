@@ -43,7 +43,7 @@ class GridPositions(nn.Module):
     def forward(self, x: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """x (B, T, D), positions (T,) flat grid indices -> (x [+ learned], rope tables or None)."""
         if self.kind == "rope2d":
-            return x, self.rope(positions)
+            return x, self.rope.full(positions)  # full-width (T, d) tables: see mm.nn.position
         return x + self.table(positions), None
 
 
@@ -128,11 +128,13 @@ class SharedBackbone(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, context: Tensor | None,
                 context_mask: Tensor | None, causal: bool, caches=None) -> Tensor:
         """x (B, T, D) image tokens -> (B, T, D) normalised states. ``caches``: one BlockCache per block."""
+        # Decoding: every block's cache is at the same position, so the causal mask is built once.
+        visible = caches[0].self_attn.visible(x.shape[1]) if caches is not None else None  # (T, Tk)
         for i, blk in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
             if self.grad_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(blk, x, context, context_mask, None, causal, rope,
                                                       use_reentrant=False)
             else:
-                x = blk(x, context, context_mask, causal=causal, rope=rope, cache=cache)
+                x = blk(x, context, context_mask, causal=causal, rope=rope, cache=cache, visible=visible)
         return self.norm(x)

@@ -44,14 +44,15 @@ class TextDecoder(nn.Module):
             raise MMError(f"text of {t} tokens is longer than the decoder's max_len {self.max_len}; "
                           "truncate it or build the model with a larger text_max_len")
         positions = start + torch.arange(t, device=ids.device)  # (t,) absolute positions
-        rope = self.rope(positions)
+        rope = self.rope.full(positions)  # (t, d) full-width tables (mm.nn.position)
         x = self.tok(ids)  # (B, t, D)
+        visible = caches[0].self_attn.visible(t) if caches is not None else None  # once for all blocks
         for i, blk in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
             if self.grad_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(blk, x, image_states, None, None, True, rope,
                                                       use_reentrant=False)
             else:
-                x = blk(x, image_states, causal=True, rope=rope, cache=cache)
+                x = blk(x, image_states, causal=True, rope=rope, cache=cache, visible=visible)
         x = self.norm(x)
         return x @ self.tok.weight.T  # (B, t, V), tied output projection

@@ -64,7 +64,7 @@ class BuiltinTextEncoder(nn.Module):
             raise MMError(f"text of {length} tokens is longer than the encoder's max_len {self.max_len}; "
                           "raise data.text_max_len's model limit or truncate the text")
         x = self.tok(input_ids)  # (B, L, Dt)
-        rope = self.rope(torch.arange(length, device=x.device))
+        rope = self.rope.full(torch.arange(length, device=x.device))  # (L, d)
         for blk in self.blocks:
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(blk, x, None, None, mask, False, rope, use_reentrant=False)

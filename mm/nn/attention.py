@@ -17,6 +17,12 @@ Self-attention uses one fused QKV projection (one matmul instead of three); cros
 projects queries from x and fused keys/values from the context, whose width may differ.
 Incremental decoding passes a cache (mm.nn.cache): self-attention keys/values are appended to
 it, cross-attention keys/values are computed once per context and reused at every step.
+
+Decoding runs one token at a time, so its cost is mostly the number of small operations, not
+their size. Hence: RoPE rotates queries and keys together with full-width tables (3 ops, see
+mm.nn.position); the causal mask of a cached step is computed once per step by the model and
+passed to every layer (``visible``); the cross-attention padding mask is prepared once, with
+the keys/values, and kept in the cross cache.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mm.nn.position import apply_rope
+from mm.nn.position import apply_rope_full, full_tables
 
 
 def _mask_error(name: str, mask: Tensor, expected: str) -> ValueError:
@@ -126,6 +132,38 @@ class Attention(nn.Module):
         elif context is not None:
             raise ValueError("self-attention got a context; build Attention(context_dim=...) for cross-attention")
 
+    def _qkv_rope(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Fused QKV projection, then RoPE on queries and keys at once -> q, k, v (B, H, T, d)."""
+        b, t_len, _ = x.shape
+        qkv = self.qkv(x).view(b, t_len, 3, self.heads, self.head_dim)  # (B, T, 3, H, d)
+        if rope is None:
+            return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        cos, sin = rope
+        if cos.dim() != 2 or cos.shape[0] != t_len or cos.shape[-1] not in (self.head_dim, self.head_dim // 2):
+            raise ValueError(f"RoPE table of shape {tuple(cos.shape)} does not fit {t_len} tokens of head dim "
+                             f"{self.head_dim}; expected (T, d) or (T, d/2)")
+        if cos.shape[-1] != self.head_dim:
+            cos, sin = full_tables(cos, sin)  # half tables (T, d/2) -> (T, d)
+        qk = apply_rope_full(qkv[:, :, :2], cos[:, None, None], sin[:, None, None])  # (B, T, 2, H, d)
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # rotated before the keys enter a cache
+        return q, k, qkv[:, :, 2].transpose(1, 2)
+
+    def _cross_cached(self, context: Tensor | None, key_mask: Tensor | None, tq: int, cache) -> tuple:
+        """Cached cross-attention: keys/values (B, H, Tk, d) and the prepared padding mask
+        (mask (B, 1, 1, Tk) | None, keep (B, 1, 1, 1) | None), computed at the first step only.
+
+        A context with no visible key attends everywhere and is zeroed by ``keep`` (as in ``attend``);
+        when every row has a key, keep is dropped (one host sync per context, not per step).
+        """
+        if cache.k is None:
+            cache.k, cache.v = self._heads(self.kv(context), 2)  # (B, H, Tk, d) each
+            mask = build_mask(cache.k.shape[0], tq, cache.k.shape[2], key_mask)  # (B, 1, 1, Tk), validated
+            cache.mask = (None, None)
+            if mask is not None:
+                keep = mask.any(dim=-1, keepdim=True)  # (B, 1, 1, 1)
+                cache.mask = (mask, None) if bool(keep.all()) else (mask | ~keep, keep)
+        return cache.k, cache.v, cache.mask
+
     def forward(
         self,
         x: Tensor,
@@ -135,28 +173,36 @@ class Attention(nn.Module):
         causal: bool = False,
         rope: tuple[Tensor, Tensor] | None = None,
         cache=None,
+        visible: Tensor | None = None,
     ) -> Tensor:
+        """``visible`` (Tq, Tk) bool: the causal mask of a cached step, if the caller computed it once
+        for all layers (``cache.visible(Tq)`` before any layer's update); otherwise computed here."""
         cached_kv = self.is_cross and cache is not None and cache.k is not None
         self._check(x, context, cached_kv)
         b, tq, _ = x.shape
+        p = self.dropout if self.training else 0.0
         if self.is_cross:
             q = self._heads(self.q(x), 1)[0]  # (B, H, Tq, d)
-            if cached_kv:
-                k, v = cache.k, cache.v  # computed once per context
+            if cache is not None and attn_mask is None:  # incremental decoding
+                k, v, (mask, keep) = self._cross_cached(context, key_mask, tq, cache)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, Tq, d)
+                if keep is not None:
+                    y = y * keep.to(y.dtype)  # a context with no visible key gives zeros
             else:
-                k, v = self._heads(self.kv(context), 2)  # (B, H, Tk, d) each
-                if cache is not None:
+                k, v = (cache.k, cache.v) if cached_kv else self._heads(self.kv(context), 2)  # (B, H, Tk, d)
+                if cache is not None and not cached_kv:
                     cache.k, cache.v = k, v
-        else:
-            q, k, v = self._heads(self.qkv(x), 3)  # (B, H, Tq, d) each
-            if rope is not None:  # rotate the new queries and keys before they enter the cache
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        tk = k.shape[2]
+                mask = build_mask(b, tq, k.shape[2], key_mask, attn_mask)
+                y = attend(q, k, v, mask, dropout_p=p)  # (B, H, Tq, d)
+            return self.out(y.transpose(1, 2).reshape(b, tq, self.dim))
 
+        q, k, v = self._qkv_rope(x, rope)  # (B, H, Tq, d) each
+        tk = k.shape[2]
         is_causal, causal_from = False, None
-        if cache is not None and not self.is_cross:
+        if cache is not None:
             # A cache is only used for causal decoding; the causal mask also hides unwritten slots.
-            causal_from = cache.next_position()  # absolute position of the first new query
+            if visible is None:
+                visible = cache.visible(tq)  # (Tq, Tk) before this step's keys are written
             k, v = cache.update(k, v)  # all keys so far (B, H, Tk, d); static cache: the whole buffer
             tk = k.shape[2]
         elif causal:
@@ -169,9 +215,11 @@ class Attention(nn.Module):
         if causal_from is not None:
             c = causal_mask(tq, tk, causal_from, x.device)  # (Tq, Tk)
             mask = c if mask is None else mask & c
-        p = self.dropout if self.training else 0.0
+        if visible is not None:
+            if visible.shape != (tq, tk):
+                raise ValueError(f"visible mask has shape {tuple(visible.shape)}; expected (Tq, Tk) = ({tq}, {tk})")
+            mask = visible if mask is None else mask & visible
         user_mask = key_mask is not None or attn_mask is not None  # only these can empty a row
         y = attend(q, k, v, mask, is_causal=is_causal, dropout_p=p, rows_may_be_empty=user_mask)  # (B, H, Tq, d)
         y = y.transpose(1, 2).reshape(b, tq, self.dim)  # concatenate heads
         return self.out(y)
-

@@ -10,7 +10,12 @@ are kept here instead of being recomputed. Two kinds with one interface
   need. Unwritten slots are hidden by the causal mask (key j is visible to query i iff j <= i).
 
 Cross-attention keys/values depend only on the context (the text), so ``CrossKVCache`` stores
-them once, at the first step, and every later step reuses them.
+them once, at the first step, and every later step reuses them (with the context's padding mask,
+prepared once too).
+
+``visible(t)`` gives the (t, Tk) causal mask of the next t tokens against the keys the cache will
+hold after writing them; the models compute it once per step and pass it to every layer (all
+layers' caches are at the same position).
 """
 
 from __future__ import annotations
@@ -31,6 +36,14 @@ class KVCache:
     def next_position(self) -> int:
         """Absolute position of the next token to be written."""
         return 0 if self.k is None else self.k.shape[2]
+
+    def visible(self, t: int) -> Tensor | None:
+        """(t, T_so_far + t) causal mask for the next t tokens; None when one token sees everything."""
+        start = self.next_position()
+        if t == 1:
+            return None  # the newest token attends to every key in a growing cache
+        q_pos = torch.arange(t, device=self.k.device if self.k is not None else None) + start  # (t,)
+        return torch.arange(start + t, device=q_pos.device)[None, :] <= q_pos[:, None]
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append (B, H, t, d) keys/values; return all of them (B, H, T_so_far, d)."""
@@ -53,17 +66,23 @@ class StaticKVCache:
         self.v = torch.zeros_like(self.k)
         self.pos = torch.zeros((), dtype=torch.long, device=self.k.device)  # tokens written so far
         self.max_len = max_len
+        self.slots = torch.arange(max_len, device=self.k.device)  # (Tmax,) position of each slot
 
     def next_position(self) -> Tensor:
         """Absolute position of the next token (a 0-dim tensor: no host sync, compile-friendly)."""
         return self.pos.clone()
+
+    def visible(self, t: int) -> Tensor:
+        """(t, Tmax) bool: query i (at position pos + i) sees slots 0 … pos + i; later slots are hidden."""
+        q_pos = self.pos + self.slots[:t]  # (t,) no host sync
+        return self.slots[None, :] <= q_pos[:, None]
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write (B, H, t, d) at positions pos … pos+t-1; return the whole buffers."""
         if k.shape[0] != self.k.shape[0] or k.shape[1] != self.k.shape[1] or k.shape[3] != self.k.shape[3]:
             raise ValueError(f"keys of shape {tuple(k.shape)} do not fit a static cache of shape "
                              f"{tuple(self.k.shape)} (B, H, Tmax, d)")
-        idx = self.pos + torch.arange(k.shape[2], device=self.k.device)  # (t,)
+        idx = self.pos + self.slots[:k.shape[2]]  # (t,)
         self.k.index_copy_(2, idx, k.to(self.k.dtype))
         self.v.index_copy_(2, idx, v.to(self.v.dtype))
         self.pos.add_(k.shape[2])
@@ -74,14 +93,19 @@ class StaticKVCache:
 
 
 class CrossKVCache:
-    """Cross-attention keys/values, computed from the context once and reused at every step."""
+    """Cross-attention keys/values, computed from the context once and reused at every step.
+
+    ``mask`` is the context's prepared padding mask (see mm.nn.attention.Attention._cross_cached).
+    """
 
     def __init__(self):
         self.k: Tensor | None = None
         self.v: Tensor | None = None
+        self.mask: tuple[Tensor | None, Tensor | None] = (None, None)
 
     def reset(self) -> None:
         self.k = self.v = None
+        self.mask = (None, None)
 
 
 @dataclass

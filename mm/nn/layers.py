@@ -76,7 +76,9 @@ class Block(nn.Module):
     """Pre-norm Transformer block: self-attention → optional cross-attention → MLP.
 
     forward(x (B, T, D), context (B, Tc, Dc) | None, context_mask (B, Tc) bool | None,
-            key_mask (B, T) bool | None, causal, rope (cos, sin) | None, cache BlockCache | None)
+            key_mask (B, T) bool | None, causal, rope (cos, sin) | None, cache BlockCache | None,
+            visible (T, Tk) bool | None: the step's causal mask when decoding with a cache, computed
+            once for all blocks by the caller (see mm.nn.cache))
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, context_dim: int | None = None,
@@ -104,9 +106,11 @@ class Block(nn.Module):
         causal: bool = False,
         rope: tuple[Tensor, Tensor] | None = None,
         cache=None,
+        visible: Tensor | None = None,
     ) -> Tensor:
         self_cache = cache.self_attn if cache is not None else None
-        x = x + self.drop(self.attn(self.norm1(x), key_mask=key_mask, causal=causal, rope=rope, cache=self_cache))
+        x = x + self.drop(self.attn(self.norm1(x), key_mask=key_mask, causal=causal, rope=rope, cache=self_cache,
+                                    visible=visible))
         cross_cache = cache.cross_attn if cache is not None else None
         cached = cross_cache is not None and cross_cache.k is not None
         if self.has_cross and (context is not None or cached):

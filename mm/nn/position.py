@@ -8,6 +8,14 @@ channel c + d/2 ("rotate half", as in GPT-NeoX/Llama), which needs no interleavi
 half with the column index, so scores depend only on the (Δrow, Δcol) offset. Both RoPE kinds
 precompute (cos, sin) tables of shape (N, d/2) indexed by a flattened position (for the grid:
 row * W + col), so callers index them the same way during training and incremental decoding.
+
+The models use the *full-width* form of the same tables (``RoPE*.full(positions)`` → (T, d)):
+cos' = [cos, cos] and sin' = [-sin, sin], so that
+
+    rope(x) = x · cos' + swap_halves(x) · sin'       (swap_halves([x1, x2]) = [x2, x1])
+
+which is bit-for-bit ``apply_rope`` (x1·cos + x2·(-sin) is exactly x1·cos - x2·sin) in three
+elementwise ops instead of ten, and Attention applies it to the queries and keys together.
 """
 
 from __future__ import annotations
@@ -69,22 +77,53 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-class RoPE1D(nn.Module):
-    """1D rotary table for positions 0..max_len-1: forward(positions (T,)) -> (cos, sin) each (T, d/2)."""
+def full_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Half tables (.., d/2) -> full-width (cos', sin') = ([cos, cos], [-sin, sin]), each (.., d)."""
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def apply_rope_full(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE with full-width tables (see ``full_tables``): x · cos' + swap_halves(x) · sin'.
+
+    The tables broadcast against x (.., d); the result equals ``apply_rope`` bit for bit.
+    """
+    d2 = x.shape[-1] // 2
+    swapped = torch.cat([x[..., d2:], x[..., :d2]], dim=-1)  # [x2, x1]
+    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
+
+
+class _RoPETables(nn.Module):
+    """Holds (L, d/2) cos/sin tables and their full-width forms; indexed by position."""
+
+    def _register(self, ang: Tensor) -> None:
+        cos, sin = ang.cos().float(), ang.sin().float()
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        cos_full, sin_full = full_tables(cos, sin)
+        self.register_buffer("cos_full", cos_full, persistent=False)
+        self.register_buffer("sin_full", sin_full, persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions (T,) -> (cos, sin) each (T, d/2), for ``apply_rope``."""
+        return self.cos[positions], self.sin[positions]
+
+    def full(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions (T,) -> full-width (cos', sin') each (T, d), for ``apply_rope_full`` / Attention."""
+        return self.cos_full[positions], self.sin_full[positions]
+
+
+class RoPE1D(_RoPETables):
+    """1D rotary table for positions 0..max_len-1: forward(positions (T,)) -> (cos, sin) each (T, d/2);
+    ``full(positions)`` -> (cos', sin') each (T, d)."""
 
     def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"1D RoPE needs an even head dim, got {head_dim}")
-        ang = rope_angles(torch.arange(max_len), head_dim // 2, base)  # (L, d/2)
-        self.register_buffer("cos", ang.cos().float(), persistent=False)
-        self.register_buffer("sin", ang.sin().float(), persistent=False)
-
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        return self.cos[positions], self.sin[positions]
+        self._register(rope_angles(torch.arange(max_len), head_dim // 2, base))  # (L, d/2)
 
 
-class RoPE2D(nn.Module):
+class RoPE2D(_RoPETables):
     """2D rotary table over an H×W grid, flattened row-major (index = row * W + col).
 
     The first d/4 channel pairs rotate with the row, the last d/4 with the column.
@@ -100,8 +139,4 @@ class RoPE2D(nn.Module):
         cols = torch.arange(width).repeat(height)  # (H*W,)
         pairs = head_dim // 4
         ang = torch.cat([rope_angles(rows, pairs, base), rope_angles(cols, pairs, base)], dim=-1)  # (HW, d/2)
-        self.register_buffer("cos", ang.cos().float(), persistent=False)
-        self.register_buffer("sin", ang.sin().float(), persistent=False)
-
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        return self.cos[positions], self.sin[positions]
+        self._register(ang)

@@ -159,3 +159,36 @@ def test_bad_shapes_and_dtypes_raise_value_error_naming_shapes():
         self_attn(x, attn_mask=torch.ones(3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="not divisible"):
         Attention(10, 3)
+
+
+def test_rope_in_attention_equals_rotating_q_and_k_separately():
+    """The fused path (QKV view, RoPE on q and k together, full tables) equals the textbook one."""
+    from mm.nn.position import RoPE2D, apply_rope
+
+    attn = Attention(D, H)
+    rope = RoPE2D(D // H, 2, 3)
+    x = torch.randn(B, 6, D)
+    pos = torch.arange(6)
+    q, k, v = attn._heads(attn.qkv(x), 3)
+    q, k = apply_rope(q, *rope(pos)), apply_rope(k, *rope(pos))
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    want = attn.out(y.transpose(1, 2).reshape(B, 6, D))
+    assert torch.equal(attn(x, causal=True, rope=rope.full(pos)), want)
+    assert torch.equal(attn(x, causal=True, rope=rope(pos)), want)  # half tables are accepted too
+    with pytest.raises(ValueError, match="RoPE table"):
+        attn(x, rope=rope.full(torch.arange(5)))
+
+
+def test_cached_cross_attention_prepares_the_mask_once_and_zeros_empty_contexts():
+    from mm.nn.cache import CrossKVCache
+
+    attn = Attention(D, H, context_dim=DC).eval()
+    x, c = torch.randn(B, 3, D), torch.randn(B, TK, DC)
+    for km in (padding_mask(), torch.stack([padding_mask()[0], torch.zeros(TK, dtype=torch.bool)])):
+        cache = CrossKVCache()
+        first = attn(x[:, :1], c, key_mask=km, cache=cache)  # computes K/V and the mask
+        later = attn(x[:, 1:], None, key_mask=km, cache=cache)  # reuses both
+        full = attn(x, c, key_mask=km)
+        torch.testing.assert_close(torch.cat([first, later], 1), full, atol=1e-6, rtol=1e-6)
+        assert (cache.mask[1] is None) == bool(km.any(-1).all())  # keep only when a context is empty
+        torch.testing.assert_close(full, naive_attention(attn, x, c, key_mask=km), atol=1e-5, rtol=1e-5)

@@ -62,3 +62,14 @@ def test_dynamic_cache_grows():
     cache.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
     k, _ = cache.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
     assert k.shape == (1, 2, 4, 4) and cache.next_position() == 4
+
+
+def test_visible_masks_are_causal_against_the_cache():
+    static, dynamic = StaticKVCache(1, 1, 6, 2), KVCache()
+    k = torch.randn(1, 1, 2, 2)
+    static.update(k, k)
+    dynamic.update(k, k)
+    want = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)  # queries at 2, 3
+    assert torch.equal(static.visible(2), want)
+    assert torch.equal(dynamic.visible(2), want[:, :4])
+    assert dynamic.visible(1) is None  # one new token sees every key of a growing cache

@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from mm.nn.position import LearnedPositions, RoPE1D, RoPE2D, SinusoidalPositions, apply_rope, sinusoidal_1d
+from mm.nn.position import (
+    LearnedPositions,
+    RoPE1D,
+    RoPE2D,
+    SinusoidalPositions,
+    apply_rope,
+    apply_rope_full,
+    full_tables,
+    sinusoidal_1d,
+)
 
 
 def score(q, k, rope, i, j):
@@ -71,3 +80,14 @@ def test_learned_positions_are_trainable():
     pos = LearnedPositions(10, 4)
     pos(torch.arange(3)).sum().backward()
     assert pos.table.grad[:3].abs().sum() > 0 and pos.table.grad[3:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_width_rope_equals_apply_rope_bit_for_bit(dtype):
+    for rope in (RoPE1D(8, 12), RoPE2D(8, 3, 4)):
+        x = torch.randn(2, 3, 12, 8).to(dtype)
+        pos = torch.arange(12)
+        cos, sin = rope.full(pos)  # (T, d)
+        assert cos.shape == (12, 8)
+        assert torch.equal(apply_rope_full(x, cos, sin), apply_rope(x, *rope(pos)))
+        torch.testing.assert_close(full_tables(*rope(pos)), (cos, sin))
