@@ -81,7 +81,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
     """softmax(Q Kᵀ / √d) V on (B, H, T, d) tensors; a fully masked query row gives zeros.
 
     ``rows_may_be_empty=False`` (e.g. a causal mask alone: every query sees key 0) skips the guard.
+
+    Training under bf16/fp16 autocast on a CPU computes attention in fp32: there, SDPA's
+    half-precision backward has no fast path and takes ~2× the fp32 forward + backward (its
+    forward alone is fast, so inference stays in half precision).
     """
+    if q.requires_grad and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", enabled=False):  # or autocast would cast the inputs straight back
+            out = attend(q.float(), k.float(), v.float(), mask, is_causal, dropout_p, rows_may_be_empty)
+        return out.to(q.dtype)
     if mask is None or not rows_may_be_empty:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
     # Rows with no visible key: let them attend everywhere (finite softmax), then zero them.

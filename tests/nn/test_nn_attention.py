@@ -192,3 +192,15 @@ def test_cached_cross_attention_prepares_the_mask_once_and_zeros_empty_contexts(
         torch.testing.assert_close(torch.cat([first, later], 1), full, atol=1e-6, rtol=1e-6)
         assert (cache.mask[1] is None) == bool(km.any(-1).all())  # keep only when a context is empty
         torch.testing.assert_close(full, naive_attention(attn, x, c, key_mask=km), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_half_precision_training_attention_runs_in_fp32():
+    from mm.nn.attention import attend
+
+    q, k, v = (torch.randn(2, 3, 6, 8).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v, is_causal=True, rows_may_be_empty=False)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want.bfloat16())
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad).all()
