@@ -6,6 +6,7 @@ Layout of one checkpoint, ``RUN/checkpoints/step_N/``::
     <name>.safetensors         other modules (discriminator, ema)
     state.pt                   optimizer and grad-scaler states, loaded with weights_only=True
     rng_rank{R}.pt             each process's RNG states (weights_only)
+    state_rank{R}.pt           each process's own state, when it has one (DeepSpeed's ZeRO partition)
     progress.json              step, samples seen, data position, counters
     COMPLETE                   written last
 
@@ -134,12 +135,14 @@ def _agree(accelerator, failed: bool) -> bool:
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, modules: dict[str, torch.nn.Module],
-                    state: dict, progress: dict, keep: int, tensors: dict[str, dict] | None = None) -> Path:
+                    state: dict, progress: dict, keep: int, tensors: dict[str, dict] | None = None,
+                    rank_state: dict | None = None) -> Path:
     """Write checkpoint ``step`` from every process; returns its folder on success.
 
     ``modules``: name → unwrapped module saved as ``name.safetensors`` by rank 0.
     ``tensors``: name → dict of tensors (e.g. EMA weights) saved as ``name.safetensors`` by rank 0.
     ``state``: optimizer/scaler state dicts (identical on all ranks), saved by rank 0.
+    ``rank_state``: this process's own state (e.g. a ZeRO optimizer partition), saved by each.
     Raises MMError (on every process) if any write failed; earlier checkpoints stay intact.
     """
     root = checkpoint_root(run_dir)
@@ -162,6 +165,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, modules: dict[s
             _torch_save(state, tmp / "state.pt")
             (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
         _torch_save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        if rank_state is not None:
+            _torch_save(rank_state, tmp / f"state_rank{rank}.pt")
         if accelerator.is_main_process and error is None:
             # Inside the temporary folder COMPLETE is harmless until the rename below, which
             # happens only once every process has written its files.
@@ -236,8 +241,12 @@ def load_modules(path: Path, modules: dict[str, torch.nn.Module]) -> None:
 
 
 def load_state(path: Path, rank: int) -> tuple[dict, dict]:
-    """Return (state, progress) of a checkpoint and restore ``rank``'s RNG states."""
+    """Return (state, progress) of a checkpoint and restore ``rank``'s RNG states; ``rank``'s own
+    state (``state_rank{R}.pt``), when there is one, is merged into ``state``."""
     state = safe_torch_load(path / "state.pt")
+    own = path / f"state_rank{rank}.pt"
+    if own.exists():
+        state.update(safe_torch_load(own))
     progress = json.loads((path / "progress.json").read_text())
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.exists():  # absent when resuming on more processes than saved

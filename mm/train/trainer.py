@@ -149,13 +149,13 @@ def use_fsdp(acc) -> bool:
     return True
 
 
-def configure_deepspeed(acc, cfg: Config) -> None:
+def configure_deepspeed(acc, cfg: Config) -> bool:
     """DeepSpeed reads the micro-batch size from the DataLoader passed to ``prepare``; mm keeps its
     webdataset loader out of ``prepare`` (DESIGN.md §7), so the sizes come from the config."""
     from accelerate.utils import DistributedType
 
     if acc.distributed_type != DistributedType.DEEPSPEED:
-        return
+        return False
     if cfg.train.grad_accum != 1:
         raise MMError("with DeepSpeed use train.grad_accum=1 (DeepSpeed would accumulate on top of mm's own "
                       "accumulation); raise train.batch_size instead, or use DDP or FSDP")
@@ -164,6 +164,7 @@ def configure_deepspeed(acc, cfg: Config) -> None:
     ds["train_batch_size"] = cfg.train.batch_size * acc.num_processes
     ds["gradient_accumulation_steps"] = 1
     ds["gradient_clipping"] = cfg.train.grad_clip
+    return True
 
 
 def lift_scalars(model: torch.nn.Module) -> dict[str, torch.Size]:
@@ -201,7 +202,7 @@ class Trainer:
         check_launcher()
         self.acc = make_accelerator(cfg)
         self.fsdp = use_fsdp(self.acc)
-        configure_deepspeed(self.acc, cfg)
+        self.deepspeed = configure_deepspeed(self.acc, cfg)
         seed_everything(cfg.run.seed)  # same on every process: identical initial weights
         self.run_dir = prepare_run_dir(cfg, self.acc)
         self.data_cfg = resolve_sources(cfg, self.acc)
@@ -251,7 +252,7 @@ class Trainer:
         if path is None:
             return
         state, progress = ckpt.load_state(path, self.acc.process_index)
-        self._load_optimizer(state["optimizer"])
+        self._load_optimizer(state)
         if self.disc_optimizer is not None:
             self.disc_optimizer.load_state_dict(state["disc_optimizer"])
         if self.acc.scaler is not None and state.get("scaler"):
@@ -266,8 +267,15 @@ class Trainer:
         if self.acc.is_main_process:
             print(f"mm: resuming {self.run_dir} from {path.name}", flush=True)
 
-    def _load_optimizer(self, state: dict) -> None:
+    def _load_optimizer(self, checkpoint_state: dict) -> None:
         opt = self.optimizer.optimizer
+        if self.deepspeed:  # ZeRO: each process restores its own partition
+            if "own_optimizer" not in checkpoint_state:
+                raise MMError("this checkpoint has no DeepSpeed optimizer partition for process "
+                              f"{self.acc.process_index}; resume with the launcher and process count that wrote it")
+            opt.load_state_dict(checkpoint_state["own_optimizer"])
+            return
+        state = checkpoint_state["optimizer"]
         if not self.fsdp:
             opt.load_state_dict(state)
             return
@@ -310,7 +318,9 @@ class Trainer:
         return mods
 
     def save(self) -> Path:
-        state = {"optimizer": self._optimizer_state()}
+        # DeepSpeed ZeRO partitions the optimizer state: every process writes its own part.
+        rank_state = {"own_optimizer": self.optimizer.optimizer.state_dict()} if self.deepspeed else None
+        state = {"optimizer": {} if self.deepspeed else self._optimizer_state()}
         if self.disc_optimizer is not None:
             state["disc_optimizer"] = self.disc_optimizer.state_dict()
         if self.acc.scaler is not None:
@@ -330,7 +340,7 @@ class Trainer:
                 ema = {k: v.reshape(self.lifted.get(k, v.shape)) for k, v in full.items()}
             tensors = {"ema": ema}
         return ckpt.save_checkpoint(self.acc, self.run_dir, self.progress.step, self._full_modules(), state,
-                                    progress, self.cfg.train.keep_checkpoints, tensors)
+                                    progress, self.cfg.train.keep_checkpoints, tensors, rank_state)
 
     # --- one step ------------------------------------------------------------------------------
 
@@ -364,7 +374,9 @@ class Trainer:
             return {"nonfinite_steps": p.nonfinite_total}
         p.nonfinite = 0
         if cfg.train.grad_clip > 0:
-            sums["grad_norm"] = _as_float(self.acc.clip_grad_norm_(self.task.model.parameters(), cfg.train.grad_clip))
+            norm = self.acc.clip_grad_norm_(self.task.model.parameters(), cfg.train.grad_clip)
+            if norm is not None:  # DeepSpeed clips inside its step and may not report a norm yet
+                sums["grad_norm"] = _as_float(norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.disc_optimizer is not None:

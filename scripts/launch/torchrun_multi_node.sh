@@ -14,6 +14,7 @@
 # NODE_RANK        not needed: c10d assigns ranks. (With RDZV_BACKEND=static it is required.)
 # MAX_RESTARTS     restart all workers this many times after a failure (default 0); they resume
 #                  from the newest complete checkpoint, as `mm train` does on a second start.
+# FSDP             1: FSDP2 instead of DDP (default 0)
 #
 # run.dir (and the data) must be on a file system every machine sees: rank 0 writes the config,
 # the tokenizer and the checkpoints there, and every rank reads them back on resume.
@@ -34,6 +35,13 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
     NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 1)")
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+# FSDP=1 shards the model with FSDP2 instead of DDP (sets Accelerate's FSDP_* variables: each mm
+# Transformer block is a unit, FSDP_TRANSFORMER_CLS_TO_WRAP overrides; also works on CPU).
+if [ "${FSDP:-0}" = "1" ]; then
+    export ACCELERATE_USE_FSDP=true FSDP_VERSION=2 FSDP_AUTO_WRAP_POLICY=TRANSFORMER_BASED_WRAP \
+        FSDP_TRANSFORMER_CLS_TO_WRAP="${FSDP_TRANSFORMER_CLS_TO_WRAP:-Block}" FSDP_STATE_DICT_TYPE=FULL_STATE_DICT
+fi
 
 extra=()
 if [ "$RDZV_BACKEND" = "static" ]; then

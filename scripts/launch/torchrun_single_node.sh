@@ -6,6 +6,7 @@
 #
 # NPROC_PER_NODE   processes to start (default: number of visible GPUs, or 2 on a CPU machine)
 # OMP_NUM_THREADS  CPU threads per process (default 1 when there are GPUs, else cores / processes)
+# FSDP             1: FSDP2 instead of DDP (default 0)
 # Runs resume: start the same command again after a stop (train.batch_size is per process).
 set -euo pipefail
 
@@ -20,6 +21,13 @@ if [ -z "${OMP_NUM_THREADS:-}" ]; then
     CORES=$(nproc)
     if [ "$GPUS" -gt 0 ]; then export OMP_NUM_THREADS=1
     else export OMP_NUM_THREADS=$(( CORES / NPROC_PER_NODE > 0 ? CORES / NPROC_PER_NODE : 1 )); fi
+fi
+
+# FSDP=1 shards the model with FSDP2 instead of DDP (sets Accelerate's FSDP_* variables: each mm
+# Transformer block is a unit, FSDP_TRANSFORMER_CLS_TO_WRAP overrides; also works on CPU).
+if [ "${FSDP:-0}" = "1" ]; then
+    export ACCELERATE_USE_FSDP=true FSDP_VERSION=2 FSDP_AUTO_WRAP_POLICY=TRANSFORMER_BASED_WRAP \
+        FSDP_TRANSFORMER_CLS_TO_WRAP="${FSDP_TRANSFORMER_CLS_TO_WRAP:-Block}" FSDP_STATE_DICT_TYPE=FULL_STATE_DICT
 fi
 
 # --standalone: a private rendezvous on a free local port (two jobs on one machine do not clash).
