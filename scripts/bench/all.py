@@ -269,7 +269,7 @@ def md_profile(runs: dict) -> list[str]:
            "share of wall time not inside any operator (Python, dispatch); shares are of operator time."), "",
            "| what | wall ms | in ops ms | overhead | aten ops | matmul | attention | other | top operators (self ms) |",
            "|---|---|---|---|---|---|---|---|---|"]
-    for name in ("train_fp32", "train_bf16", "decode", "decode_cfg"):
+    for name in ("train_fp32", "train_bf16", "decode", "decode_cfg", "decode_compiled"):
         r = p.get(name)
         if not r:
             continue

@@ -7,7 +7,8 @@ Two profiles, each of one call after warm-up:
   tokens, batch 16; batch 4 with ``--quick``), fp32 and bf16 autocast: forward + backward + AdamW;
 - ``decode``: 32 decode steps of the cached sampler at the dimensions of
   ``scripts/bench/sample.py`` (d 512, 8 blocks, SwiGLU, RMSNorm, batch 4; d 128 / 2 blocks with
-  ``--quick``), without and with classifier-free guidance.
+  ``--quick``), without and with classifier-free guidance, and compiled (``decode_compiled``:
+  ``sample_codes(compile=True)``'s step, compiled in the untimed warm-up).
 
 For each: the top operators by self CPU time, the share of time in matrix multiplies
 (mm/addmm/bmm/linear), attention kernels, and everything else (elementwise, norms, copies,
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mm.generation.sampler import SamplingParams, decode_step, guide, seeds_tensor
+from mm.generation.sampler import SamplingParams, decode_step_fn, guide, seeds_tensor
 from mm.models.model import MMConfig, MMModel
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
@@ -79,7 +80,7 @@ def profile_train(quick: bool, dtype: str, rows: int) -> dict:
                    decoder_depth=1, embed_dim=256)
     torch.manual_seed(0)
     model = MMModel(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer (mm.train.optim)
     text = torch.randint(3, 1024, (batch, text_len))
     mask = torch.ones(batch, text_len, dtype=torch.bool)
     codes = torch.randint(0, 1024, (batch, side, side))
@@ -97,7 +98,7 @@ def profile_train(quick: bool, dtype: str, rows: int) -> dict:
 
 
 @torch.no_grad()
-def profile_decode(quick: bool, cfg_on: bool, rows: int, steps: int = 32) -> dict:
+def profile_decode(quick: bool, cfg_on: bool, rows: int, steps: int = 32, compile: bool = False) -> dict:
     width, depth, heads, vocab = (128, 2, 4, 1024) if quick else (512, 8, 8, 4096)
     cfg = MMConfig(vocab_size=vocab, text_max_len=32, text_width=256, text_depth=2, text_heads=4, width=width,
                    depth=depth, heads=heads, mlp="swiglu", norm="rmsnorm", codebook_size=vocab,
@@ -113,6 +114,7 @@ def profile_decode(quick: bool, cfg_on: bool, rows: int, steps: int = 32) -> dic
     params = SamplingParams(guidance_scale=3.0 if cfg_on else 1.0, top_k=50)
     seeds, scale = seeds_tensor(0, batch), torch.tensor(3.0)
     positions = torch.arange(256)
+    step = decode_step_fn(compile)  # compiled in run_profiled's warm-up call
 
     def run():
         logits, state = model.t2i_prefill(states, mask)
@@ -120,7 +122,7 @@ def profile_decode(quick: bool, cfg_on: bool, rows: int, steps: int = 32) -> dic
             logits = guide(logits, scale)
         prev = logits.argmax(-1)
         for n in range(1, steps + 1):
-            prev = decode_step(model, prev, state, seeds, positions[n], scale, params, cfg_on)
+            prev = step(model, prev, state, seeds, positions[n], scale, params, cfg_on)
 
     out = run_profiled(run, 1, rows)
     out["wall_ms"] /= steps  # per decode step (the prefill is a small part of 32 steps)
@@ -137,12 +139,16 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=12)
     ap.add_argument("--quick", action="store_true", help="smaller batch and sampler")
     ap.add_argument("--json", default="", help="write the profiles here")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     res = {"threads": torch.get_num_threads(), "torch": torch.__version__, "quick": args.quick}
     jobs = {"train_fp32": lambda: profile_train(args.quick, "fp32", args.rows),
             "train_bf16": lambda: profile_train(args.quick, "bf16", args.rows),
             "decode": lambda: profile_decode(args.quick, False, args.rows),
-            "decode_cfg": lambda: profile_decode(args.quick, True, args.rows)}
+            "decode_cfg": lambda: profile_decode(args.quick, True, args.rows),
+            "decode_compiled": lambda: profile_decode(args.quick, False, args.rows, compile=True)}
     for name, job in jobs.items():
         r = res[name] = job()
         shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(r["shares"].items(), key=lambda kv: -kv[1]))
