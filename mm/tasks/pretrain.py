@@ -113,7 +113,11 @@ class PretrainTask:
         if self._vq is None:
             from mm.models.vq import VQTokenizer
 
-            self._vq = VQTokenizer.from_pretrained(self.vq_path).eval().requires_grad_(False)
+            # fork_rng: building the module draws init weights (then overwritten by the loaded
+            # ones) from the global RNG; a resumed run loads the VQ again, so that draw would
+            # shift its training RNG stream (hard negatives, CFG dropout) from an uninterrupted run.
+            with torch.random.fork_rng(devices=[]):
+                self._vq = VQTokenizer.from_pretrained(self.vq_path).eval().requires_grad_(False)
         return self._vq.to(device)
 
     @torch.no_grad()
