@@ -195,6 +195,10 @@ def md_figures(runs: dict, md: Path) -> list[str]:
                 out.append(f"| {m} | {dtype} | {f['step_s'] * 1000:,.0f} | {f['image_tokens_per_s']:,.0f} | "
                            f"{f['flops_per_s'] / 1e9:,.1f} | {f['peak_fraction']:.0%} |")
         peaks = get(runs, "train_step", "peak_flops") or {}
+        warm = {d: f.get("warmup_s") for d, f in (ts.get("mm+compile") or {}).items()}
+        if any(warm.values()):
+            out += ["", "mm+compile = every block compiled (`train.compile=true`); its warm-up steps, which compile, "
+                    "are not timed: " + ", ".join(f"{d} {w:.0f} s" for d, w in warm.items() if w) + "."]
         out.append("")
         out.append("Matmul peak (2048² @ 2048², best of the rounds): "
                    + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()) + ".")
