@@ -1,7 +1,7 @@
 """FSDP2 on CPU: two torchrun processes (gloo) shard the VQ model, stop, resume, and end where
 one process with gradient accumulation 2 ends, with checkpoints in the single-process layout.
 
-Accelerate 1.15 ignores FSDP on CPU processes; the trainer turns it on itself (trainer.use_fsdp),
+Accelerate 1.15 ignores FSDP on CPU processes; the trainer turns it on itself (distributed.use_fsdp),
 so this runs Accelerate's own FSDP2 preparation, clipping and no_sync. Every sample is the same
 image, so the two ranks' batches equal the one process's two micro-batches.
 """
