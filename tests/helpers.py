@@ -22,6 +22,27 @@ def tiny_vq_overrides(run_dir, cache, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def same_image_shards(folder, samples: int = 32):
+    """Shards in which every sample is the same 32-px image (a red square on dark grey), so
+    runs that split batches differently (processes, grad_accum) see identical data."""
+    import io
+
+    from PIL import Image
+
+    from mm.data.shards import ShardWriter
+
+    image = Image.new("RGB", (32, 32), (30, 30, 30))
+    for x in range(8, 20):
+        for y in range(10, 22):
+            image.putpixel((x, y), (220, 40, 40))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    with ShardWriter(folder, samples_per_shard=8) as w:
+        for i in range(samples):
+            w.write({"__key__": f"{i:06d}", "png": buf.getvalue(), "txt": "a red square",
+                     "json": {"caption": "a red square"}})
+
+
 def mm_env(**extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1",
                PYTHONHASHSEED="0")

@@ -6,7 +6,6 @@ so this runs Accelerate's own FSDP2 preparation, clipping and no_sync. Every sam
 image, so the two ranks' batches equal the one process's two micro-batches.
 """
 
-import io
 import json
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mm.train import checkpoint as ckpt
+from tests.helpers import same_image_shards
 
 from .conftest import ROOT, mm_env, run_mm, tiny_vq_overrides
 
@@ -27,23 +27,6 @@ STEPS = 4
 BOOKKEEPING = ("recent", "step_usage", "steps_unused")
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
             "FSDP_TRANSFORMER_CLS_TO_WRAP": "DownEncoderBlock2D,UpDecoderBlock2D", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}
-
-
-def same_image_shards(folder):
-    from PIL import Image
-
-    from mm.data.shards import ShardWriter
-
-    image = Image.new("RGB", (32, 32), (30, 30, 30))
-    for x in range(8, 20):
-        for y in range(10, 22):
-            image.putpixel((x, y), (220, 40, 40))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    with ShardWriter(folder, samples_per_shard=8) as w:
-        for i in range(32):
-            w.write({"__key__": f"{i:06d}", "png": buf.getvalue(), "txt": "a red square",
-                     "json": {"caption": "a red square"}})
 
 
 def torchrun_fsdp(args):

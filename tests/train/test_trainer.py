@@ -162,23 +162,10 @@ def test_changed_config_is_refused_on_resume(straight_run, shapes_cache):
 @pytest.mark.slow
 def test_two_processes_match_one_with_grad_accum(tmp_path, shapes_cache):
     """torchrun 2 × batch 4 == 1 process × batch 4 × accum 2, on data where every sample is the same."""
-    import io
+    from tests.helpers import same_image_shards
 
-    from PIL import Image
-
-    from mm.data.shards import ShardWriter
-
-    image = Image.new("RGB", (32, 32), (30, 30, 30))
-    for x in range(8, 20):
-        for y in range(10, 22):
-            image.putpixel((x, y), (220, 40, 40))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
     data = tmp_path / "same"
-    with ShardWriter(data, samples_per_shard=8) as w:
-        for i in range(32):
-            w.write({"__key__": f"{i:06d}", "png": buf.getvalue(), "txt": "a red square",
-                     "json": {"caption": "a red square"}})
+    same_image_shards(data)
     common = {"data.train": data, "data.val": data, "train.max_steps": 4, "vq.restart_dead_codes": "false"}
     one = tmp_path / "one"
     run_mm(["train", CONFIG, *tiny_vq_overrides(one, shapes_cache, **common, **{"train.grad_accum": 2})])
