@@ -67,6 +67,7 @@ class VQConfig:
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # log2(downsample/patch_size)+1 values
     layers_per_block: int = 1
     mid_attention: bool = True  # self-attention in the encoder/decoder middle blocks
+    norm: str = "group"  # group | none (no GroupNorm in the encoder/decoder; see models/vq.py)
     quantizer: str = "l2"  # l2 | ema
     beta: float = 0.25  # commitment weight on the encoder term
     ema_decay: float = 0.99
@@ -194,7 +195,7 @@ def _convert(value: Any, tp: Any, key: str, from_string: bool) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):  # only `X | None` is used
-        inner = [a for a in args if a is not type(None)][0]
+        inner = next(a for a in args if a is not type(None))
         if value is None or (from_string and str(value).strip().lower() in ("none", "null", "")):
             return None
         return _convert(value, inner, key, from_string)

@@ -60,7 +60,26 @@ def test_patch_stem_is_space_to_depth():
     assert torch.equal(vq._decode(torch.zeros(2, 4, 2, 2)), x)
 
 
+def test_norm_none_removes_every_group_norm_and_round_trips(tmp_path):
+    grouped = VQTokenizer(tiny(mid_attention=True))
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in grouped.modules())
+    vq = VQTokenizer(tiny(norm="none", mid_attention=True)).eval()
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in vq.modules())
+    # The same weights otherwise: only the norms' affine parameters are gone.
+    gone = set(grouped.state_dict()) - set(vq.state_dict())
+    assert gone and all("norm" in k for k in gone) and not set(vq.state_dict()) - set(grouped.state_dict())
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    recon, _ = vq(x)
+    assert recon.shape == x.shape and torch.isfinite(recon).all()
+    vq.save_pretrained(tmp_path / "vq")
+    assert json.loads((tmp_path / "vq" / "config.json").read_text())["norm"] == "none"
+    back = VQTokenizer.from_pretrained(tmp_path / "vq")
+    assert torch.equal(back(x)[0], recon)
+
+
 def test_bad_config_and_inputs_are_one_line_errors():
+    with pytest.raises(MMError, match="vq.norm is 'batch'; use group or none"):
+        VQTokenizer(tiny(norm="batch"))
     with pytest.raises(MMError, match="patch_size"):
         VQTokenizer(tiny(downsample=4, patch_size=8, channel_mult=[1]))
     with pytest.raises(MMError, match="patch_size 2 needs 2"):
