@@ -34,8 +34,9 @@ def blocks_batch(n: int = 4, size: int = 16) -> torch.Tensor:
     return x
 
 
-def test_overfits_one_batch():
-    task = VQTask(tiny_config(channels=16))
+@pytest.mark.parametrize("norm", ["group", "none"])
+def test_overfits_one_batch(norm):
+    task = VQTask(tiny_config(channels=16, norm=norm))
     x = blocks_batch(2)
     opt = torch.optim.Adam(task.model.parameters(), lr=3e-3)
     first, last = None, None
