@@ -67,7 +67,7 @@ class VQConfig:
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # log2(downsample/patch_size)+1 values
     layers_per_block: int = 1
     mid_attention: bool = True  # self-attention in the encoder/decoder middle blocks
-    norm: str = "group"  # group | none (no GroupNorm in the encoder/decoder; see models/vq.py)
+    norm: str = "group"  # group | none (no GroupNorm: faster with the stem + L2; see models/vq.py)
     quantizer: str = "l2"  # l2 | ema
     beta: float = 0.25  # commitment weight on the encoder term
     ema_decay: float = 0.99
