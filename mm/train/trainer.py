@@ -77,6 +77,14 @@ def _add_skipped(total: dict, new: dict | None) -> None:
         total[reason] = total.get(reason, 0) + int(n)
 
 
+def _reshape_optimizer_state(state: dict, shapes: dict) -> None:
+    """Reshape in place the per-parameter tensors (not ``step``) of the parameters ``shapes`` names
+    (model parameter name -> shape) in a name-keyed optimizer state."""
+    for name, shape in shapes.items():
+        s = state["state"].get(f"model.{name}", {})
+        s.update({k: v.reshape(shape) for k, v in s.items() if k != "step" and torch.is_tensor(v)})
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -166,9 +174,7 @@ class Trainer:
         name_of = {id(p): name for name, p in self.module.named_parameters()}
         names = [name_of[id(p)] for group in opt.param_groups for p in group["params"]]
         state = ckpt.optimizer_by_name(state, names)
-        for name in self.lifted:  # per-parameter tensors as 1-element vectors (lift_scalars)
-            s = state["state"].get(f"model.{name}", {})
-            s.update({k: v.reshape(1) for k, v in s.items() if k != "step" and torch.is_tensor(v) and v.ndim == 0})
+        _reshape_optimizer_state(state, {name: (1,) for name in self.lifted})  # as lift_scalars holds them
         set_optimizer_state_dict(self.module, opt, state, options=StateDictOptions(full_state_dict=True))
 
     def _optimizer_state(self) -> dict:
@@ -182,19 +188,23 @@ class Trainer:
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.acc.is_main_process:
             return {}
-        for name, shape in self.lifted.items():  # back to the single-process shapes
-            s = full["state"].get(f"model.{name}", {})
-            s.update({k: v.reshape(shape) for k, v in s.items() if k != "step" and torch.is_tensor(v)})
+        _reshape_optimizer_state(full, self.lifted)  # back to the single-process shapes
         return ckpt.optimizer_by_index(full)
+
+    def _gathered(self, tensors: dict) -> dict:
+        """FSDP: sharded tensors gathered whole on rank 0 (a collective; empty elsewhere), in the
+        single-process shapes (lifted scalars back to 0-dim)."""
+        full = ckpt.full_tensors(tensors, keep=self.acc.is_main_process)
+        return {k: v.reshape(self.lifted.get(k, v.shape)) for k, v in full.items()}
 
     def _full_modules(self) -> dict:
         """The modules to write, with full weights on rank 0 (under FSDP a collective: gathered
         into the plain copy)."""
         mods = self._modules()
         if self.fsdp:
-            full = ckpt.full_tensors(self.task.model.state_dict(), keep=self.acc.is_main_process)
+            full = self._gathered(self.task.model.state_dict())
             if self.plain_model is not None:
-                self.plain_model.load_state_dict({k: v.reshape(self.lifted.get(k, v.shape)) for k, v in full.items()})
+                self.plain_model.load_state_dict(full)
                 mods["model"] = self.plain_model
         return mods
 
@@ -216,10 +226,7 @@ class Trainer:
         tensors = None
         if self.ema is not None:
             ema = self.ema.state_dict()
-            if self.fsdp:
-                full = ckpt.full_tensors(ema, self.acc.is_main_process)
-                ema = {k: v.reshape(self.lifted.get(k, v.shape)) for k, v in full.items()}
-            tensors = {"ema": ema}
+            tensors = {"ema": self._gathered(ema) if self.fsdp else ema}
         return ckpt.save_checkpoint(self.acc, self.run_dir, self.progress.step, self._full_modules(), state,
                                     progress, self.cfg.train.keep_checkpoints, tensors, rank_state)
 
