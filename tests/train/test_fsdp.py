@@ -116,6 +116,29 @@ def test_optimizer_state_layouts_round_trip():
         ckpt.optimizer_by_name(native, names[:-1])
 
 
+
+def test_lifted_scalars_and_their_optimizer_state_round_trip():
+    """FSDP2 cannot shard 0-dim parameters: lift_scalars holds them as 1-element vectors while
+    training, and the optimizer state goes back to 0-dim for checkpoints (and forward on load)."""
+    from mm.train.distributed import lift_scalars
+    from mm.train.trainer import _reshape_optimizer_state
+
+    model = torch.nn.Module()
+    model.scale = torch.nn.Parameter(torch.tensor(2.5))
+    model.lin = torch.nn.Linear(2, 2)
+    lifted = lift_scalars(model)
+    assert lifted == {"scale": torch.Size([])}
+    assert model.scale.shape == (1,) and model.scale.item() == 2.5 and model.scale.requires_grad
+    assert model.lin.weight.shape == (2, 2)  # others untouched
+    state = {"state": {"model.scale": {"step": torch.tensor(3.0), "exp_avg": torch.ones(1)},
+                       "model.lin.weight": {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 2)}}}
+    _reshape_optimizer_state(state, lifted)  # saving: the single-process shapes
+    assert state["state"]["model.scale"]["exp_avg"].shape == ()
+    _reshape_optimizer_state(state, {name: (1,) for name in lifted})  # loading: as lifted
+    assert state["state"]["model.scale"]["exp_avg"].shape == (1,)
+    assert state["state"]["model.scale"]["step"].shape == ()  # the step count is left alone
+    assert state["state"]["model.lin.weight"]["exp_avg"].shape == (2, 2)
+
 def test_deepspeed_without_package_is_one_line_error(tmp_path, shapes_cache):
     import importlib.util
 
