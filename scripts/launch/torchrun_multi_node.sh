@@ -36,12 +36,7 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-# FSDP=1 shards the model with FSDP2 instead of DDP (sets Accelerate's FSDP_* variables: each mm
-# Transformer block is a unit, FSDP_TRANSFORMER_CLS_TO_WRAP overrides; also works on CPU).
-if [ "${FSDP:-0}" = "1" ]; then
-    export ACCELERATE_USE_FSDP=true FSDP_VERSION=2 FSDP_AUTO_WRAP_POLICY=TRANSFORMER_BASED_WRAP \
-        FSDP_TRANSFORMER_CLS_TO_WRAP="${FSDP_TRANSFORMER_CLS_TO_WRAP:-Block}" FSDP_STATE_DICT_TYPE=FULL_STATE_DICT
-fi
+source "$(dirname "$0")/fsdp_env.sh"  # FSDP=1: FSDP2 instead of DDP
 
 extra=()
 if [ "$RDZV_BACKEND" = "static" ]; then
