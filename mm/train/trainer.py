@@ -373,6 +373,11 @@ class Trainer:
         self.acc.wait_for_everyone()
         return out
 
+    def _finish(self, result: dict) -> None:
+        """The end of a run: the final validation, then the export."""
+        result.update(self.validate())
+        result["export"] = str(self.export())
+
     # --- the loop ------------------------------------------------------------------------------
 
     def fit(self) -> dict:
@@ -383,11 +388,13 @@ class Trainer:
         started, last_log, last_samples = time.time(), time.time(), p.samples
         reason = "max_steps" if stop_at == cfg.train.max_steps else "stop_at_step"
         try:
-            if p.step >= stop_at:  # nothing left to do: a finished run, resumed
+            if p.step >= stop_at:  # nothing left to train: a finished (or stopped-at-the-end) run, resumed
                 done = {"step": p.step, "stopped_by": "already_done", "run_dir": str(self.run_dir)}
                 if p.step >= cfg.train.max_steps:
-                    done["export"] = str(self.export() if not (self.run_dir / "final").exists()
-                                         else self.run_dir / "final")
+                    if (self.run_dir / "final").exists():
+                        done["export"] = str(self.run_dir / "final")
+                    else:  # stopped (e.g. by a signal) after its last step: finish as a straight run does
+                        self._finish(done)
                 return done
             while p.step < stop_at:
                 metrics = self.step(batches)
@@ -418,8 +425,7 @@ class Trainer:
             self.save()
             result = {"step": p.step, "stopped_by": reason, "run_dir": str(self.run_dir)}
             if reason in ("max_steps", "time_limit"):  # the run is finished: evaluate and export
-                result.update(self.validate())
-                result["export"] = str(self.export())
+                self._finish(result)
             return result
         finally:
             signals.restore()

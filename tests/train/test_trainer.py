@@ -52,6 +52,30 @@ def test_straight_run_finishes_and_exports(straight_run):
     assert len(losses(straight_run)) == STEPS
 
 
+
+def metric_rows(run_dir):
+    """Every metrics.jsonl row without its timing and memory figures."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s", "peak_mem_mb")} for r in rows]
+
+
+def test_signal_during_the_last_step_then_resume_finishes_like_a_straight_run(straight_run, tmp_path, shapes_cache):
+    """A run stopped by a signal after its last step saved that step but neither validated nor
+    exported; the resumed run must do both, so it ends exactly as the straight run."""
+    run = tmp_path / "run"
+    args = ["train", CONFIG, *tiny_vq_overrides(run, shapes_cache, **{"train.max_steps": STEPS})]
+    run_mm(args + [f"train.stop_at_step={STEPS - 1}"])
+    signalled = ("import sys; from mm.train import distributed; from mm.cli import main; "
+                 "distributed.StopSignals.stop = lambda self: True; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", signalled, *args], cwd=ROOT, env=mm_env(), capture_output=True,
+                          text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"stopped at step {STEPS}; checkpoint saved" in proc.stdout and not (run / "final").exists()
+    run_mm(args)
+    assert metric_rows(run) == metric_rows(straight_run)  # the final validation row included
+    assert_same_weights(load_file(str(run / "final" / "model.safetensors")),
+                        load_file(str(straight_run / "final" / "model.safetensors")))
+
 def test_stop_and_resume_is_bitwise_identical(straight_run, tmp_path, shapes_cache):
     run = tmp_path / "run"
     args = ["train", CONFIG, *tiny_vq_overrides(run, shapes_cache, **{"train.max_steps": STEPS})]
