@@ -67,7 +67,7 @@ def _add_data(sub) -> None:
 
 def _add_eval(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate: VQA accuracy, retrieval, text-to-image")
-    esub = ev.add_subparsers(dest="eval_command", metavar="{vqa,retrieval,t2i,caption}")
+    esub = ev.add_subparsers(dest="eval_command", metavar="{vqa,retrieval,t2i,caption,curves}")
     esub.required = True
 
     p = esub.add_parser("vqa", help="VQAv2 accuracy from official files or from a model")
@@ -105,6 +105,14 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-samples", type=int, default=1000)
     p.add_argument("--out", default="")
     p.set_defaults(func="mm.tasks.pretrain:cli_eval_caption")
+
+    p = esub.add_parser("curves", help="evaluate every checkpoint of runs; quality against training CPU-minutes")
+    p.add_argument("--run", action="append", required=True, help="run folder of `mm train`; repeat to compare")
+    p.add_argument("--data", default="", help="shards to evaluate retrieval and VQA on (e.g. the test split)")
+    p.add_argument("--max-samples", type=int, default=500, help="retrieval images per checkpoint")
+    p.add_argument("--num-prompts", type=int, default=60, help="held-out T2I prompts per checkpoint")
+    p.add_argument("--out", required=True, help="folder for curves.json, curves.png and the exports")
+    p.set_defaults(func="mm.train.curves:cli_eval_curves")
 
 
 def _add_model_commands(sub) -> None:

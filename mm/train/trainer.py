@@ -48,6 +48,13 @@ class Progress:
     nonfinite: int = 0  # consecutive non-finite steps
     nonfinite_total: int = 0
     skipped: dict = field(default_factory=dict)  # corrupt samples by reason (this process)
+    # Training time, cumulative across resumes (a resumed run continues from the saved totals):
+    # the optimizer steps only (data loading included; start-up, validation and checkpoint writes
+    # not), so runs with different eval/checkpoint settings compare at equal cost. CPU seconds are
+    # time.process_time() of this (rank 0's) process: every thread counts, so with 2 torch threads
+    # they run at ~2x wall; DataLoader worker processes (data.num_workers > 0) are not included.
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
 
 
 class TaskModule(torch.nn.Module):
@@ -220,7 +227,8 @@ class Trainer:
             state["task"] = self.task.state_dict()
         progress = {"progress": self.progress.__dict__, "step": self.progress.step,
                     "samples_seen": self.progress.samples, "data_seed": self.cfg.run.seed,
-                    "data_batches": self.progress.batches}
+                    "data_batches": self.progress.batches, "cpu_seconds": round(self.progress.cpu_seconds, 3),
+                    "wall_seconds": round(self.progress.wall_seconds, 3)}
         # The EMA goes inside the checkpoint before it is marked complete: written afterwards, a
         # crash in between would leave a "complete" checkpoint that cannot be resumed.
         tensors = None
@@ -397,8 +405,11 @@ class Trainer:
                         self._finish(done)
                 return done
             while p.step < stop_at:
+                cpu, wall = time.process_time(), time.monotonic()
                 metrics = self.step(batches)
                 p.step += 1
+                p.cpu_seconds += time.process_time() - cpu
+                p.wall_seconds += time.monotonic() - wall
                 if p.nonfinite >= cfg.train.max_nonfinite:
                     last = ckpt.latest_checkpoint(self.run_dir)
                     raise MMError(f"loss was not finite for {p.nonfinite} consecutive steps (step {p.step}); "
@@ -408,6 +419,7 @@ class Trainer:
                     now = time.time()
                     metrics["samples_per_s"] = (p.samples - last_samples) / max(now - last_log, 1e-9)
                     metrics["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                    metrics["cpu_seconds"], metrics["wall_seconds"] = round(p.cpu_seconds, 3), round(p.wall_seconds, 3)
                     metrics.update({f"skipped/{k}": v for k, v in p.skipped.items()})
                     last_log, last_samples = now, p.samples
                     self.logger.log(p.step, metrics)

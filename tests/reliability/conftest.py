@@ -173,7 +173,17 @@ def assert_run_equal(run: Path, ref: Path) -> None:
         for name in opt_b[k]:
             assert torch.equal(opt_a[k][name], opt_b[k][name]), f"optimizer state {k}.{name} differs"
     assert metric_rows(run) == metric_rows(ref)
-    assert json.loads((run / "progress.json").read_text()) == json.loads((ref / "progress.json").read_text())
+    assert untimed_progress(run) == untimed_progress(ref)
+
+
+TIMING = ("time", "samples_per_s", "peak_mem_mb", "cpu_seconds", "wall_seconds")
+
+
+def untimed_progress(run: Path) -> dict:
+    """progress.json without the training-time totals (they differ between any two runs)."""
+    progress = json.loads((run / "progress.json").read_text())
+    progress["progress"] = {k: v for k, v in progress["progress"].items() if k not in TIMING}
+    return {k: v for k, v in progress.items() if k not in TIMING}
 
 
 def metric_rows(run: Path) -> dict[int, dict]:
@@ -181,7 +191,7 @@ def metric_rows(run: Path) -> dict[int, dict]:
     rows = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        rows[row["step"]] = {k: v for k, v in row.items() if k not in ("time", "samples_per_s", "peak_mem_mb")}
+        rows[row["step"]] = {k: v for k, v in row.items() if k not in TIMING}
     return rows
 
 
