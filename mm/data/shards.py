@@ -4,6 +4,11 @@ A shard set is a folder of webdataset tars ``{prefix}-000000.tar …`` plus ``si
 (shard file name → sample count). Every tool that takes "a shard folder or pattern" goes
 through :func:`expand_shards`, which accepts a folder, a brace pattern
 ``shards-{000000..000009}.tar``, a glob, a single tar, or a ``pipe:`` URL.
+
+A data set root (``train/``, ``val/``, ``test/`` split folders of shards, as ``mm data shapes
+--out DIR`` writes it) is not a shard folder: evaluation commands turn it into its test (else
+val) split with :func:`eval_split`; everywhere else :func:`expand_shards` names the split
+folders in its error.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 from pathlib import Path
 
 import braceexpand
@@ -108,6 +114,10 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     path = Path(spec).expanduser()
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob("*.tar"))
+        splits = {} if urls else split_folders(path)
+        if splits:  # a data set root as `mm data shapes --out` writes it, not a shard folder
+            raise MMError(f"{path} holds split folders {', '.join(f'{s}/' for s in splits)}: "
+                          f"pass one of them, e.g. {next(iter(splits.values()))}")
         if not urls:
             raise MMError(f"no .tar shards in folder {path}; write some with `mm data shapes` or `mm data ingest`")
         return urls
@@ -118,6 +128,36 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     if not urls or missing:
         raise MMError(f"shards not found: {missing[0] if missing else spec}; check the path or pattern")
     return urls
+
+
+SPLIT_NAMES = ("train", "val", "test")
+EVAL_SPLITS = ("test", "val")  # what an evaluation uses of a data set root, in order of preference
+
+
+def split_folders(path: str | Path) -> dict[str, Path]:
+    """The split sub-folders holding shards (``train/``, ``val/``, ``test/``) of a data set root,
+    as ``mm data shapes --out DIR`` writes it; empty for anything else."""
+    path = Path(path).expanduser()
+    return {s: path / s for s in SPLIT_NAMES if any((path / s).glob("*.tar"))}
+
+
+def eval_split(spec):
+    """``spec``, or its test split (else val) when it is a data set root with split folders.
+
+    Evaluation commands call this on their ``--data``; it says on stderr which split it took, so
+    a figure is never silently of an unexpected split. Other commands get an error naming the
+    split folders from :func:`expand_shards` instead.
+    """
+    path = Path(spec).expanduser() if isinstance(spec, (str, Path)) else None
+    if path is None or not path.is_dir() or any(path.glob("*.tar")):
+        return spec
+    splits = split_folders(path)
+    chosen = next((s for s in EVAL_SPLITS if s in splits), None)
+    if chosen is None:
+        return spec  # no test/ or val/: expand_shards says what is there
+    print(f"mm: {spec} holds split folders {', '.join(f'{s}/' for s in splits)}; "
+          f"evaluating on its {chosen} split {splits[chosen]}", file=sys.stderr)
+    return str(splits[chosen])
 
 
 def read_sizes(urls: list[str]) -> dict[str, int | None]:

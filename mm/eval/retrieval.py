@@ -7,6 +7,11 @@ Conventions (as ALBEF/BLIP report COCO/Flickr retrieval):
 - Ties are counted against the model: a positive shares its rank with every negative scoring the
   same or higher, so a constant similarity matrix scores 0, not 100.
 - Recalls are percentages; RSUM is the sum of the six recalls (R@1/5/10 both ways).
+- Positives come as lists (``img_to_txt``) or as an (Ni, Nt) bool matrix. On the shapes data the
+  matrix is the truth function over the metadata (``shapes_positives``): a caption is a hit for
+  every image it is true of, so a perfect model scores 100 (DESIGN.md §6). ``recall_report``
+  gives those multi-positive figures and the single-positive ones (each caption a hit only for
+  its own images) as ``*_single``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,13 @@ def _as_matrix(sim) -> torch.Tensor:
     return sim
 
 
-def _positive_mask(img_to_txt: Sequence[Sequence[int]], num_images: int, num_texts: int) -> torch.Tensor:
+def _positive_mask(img_to_txt, num_images: int, num_texts: int) -> torch.Tensor:
+    if torch.is_tensor(img_to_txt) or hasattr(img_to_txt, "dtype"):  # a bool matrix
+        pos = torch.as_tensor(img_to_txt).bool().cpu()
+        if pos.shape != (num_images, num_texts):
+            raise MMError(f"the positives matrix has shape {tuple(pos.shape)} "
+                          f"but the similarity matrix has {(num_images, num_texts)}")
+        return _check_coverage(pos)
     if len(img_to_txt) != num_images:
         raise MMError(f"img_to_txt lists {len(img_to_txt)} images "
                       f"but the similarity matrix has {num_images} rows")
@@ -37,6 +48,12 @@ def _positive_mask(img_to_txt: Sequence[Sequence[int]], num_images: int, num_tex
                 raise MMError(f"image {i} lists text {t}, "
                               f"outside the {num_texts} texts of the similarity matrix")
             pos[i, int(t)] = True
+    return _check_coverage(pos)
+
+
+def _check_coverage(pos: torch.Tensor) -> torch.Tensor:
+    """Every image needs a positive text and every text a positive image (else its recall is
+    undefined, and with a truth matrix it means the truth function disagrees with the data)."""
     if not pos.any(1).all():
         first = int((~pos.any(1)).nonzero()[0])
         raise MMError(f"image {first} has no caption; every image needs at least one")
@@ -52,10 +69,11 @@ def _ranks(sim: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return ((sim >= best_pos) & ~pos).sum(1)  # (N,)
 
 
-def recall_at_k(sim, img_to_txt: Sequence[Sequence[int]], k: Sequence[int] = (1, 5, 10),
+def recall_at_k(sim, img_to_txt, k: Sequence[int] = (1, 5, 10),
                 sim_t2i=None) -> dict[str, float]:
     """Recall@K image→text and text→image (percent) and RSUM.
 
+    ``img_to_txt`` lists each image's positive texts, or is an (Ni, Nt) bool matrix of positives.
     ``sim_t2i`` (same shape) is used for the text→image direction when given — after ITM
     re-ranking the two directions have different scores (see ``rerank_topk``).
     Returns ``{"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", ..., "rsum"}``.
@@ -73,6 +91,40 @@ def recall_at_k(sim, img_to_txt: Sequence[Sequence[int]], k: Sequence[int] = (1,
     for kk in k:
         out[f"t2i_r{kk}"] = 100.0 * (rank_t2i < kk).float().mean().item()
     out["rsum"] = sum(out.values())
+    return out
+
+
+def shapes_positives(texts: list[str], metas: list, own_text: list[int]) -> tuple[torch.Tensor | None, str]:
+    """The (images, texts) truth matrix of shapes captions, or None and why it cannot be built.
+
+    ``metas`` is each image's json metadata and ``own_text[i]`` the text of image i's own caption.
+    None (single positives) when a sample has no shapes metadata or a text is not a shapes
+    caption. A caption that is false of its own image is an error: the truth function and the
+    data disagree, and the figures would be wrong.
+    """
+    from mm.data.shapes_truth import is_shapes_meta, truth_matrix
+
+    if len(metas) != len(own_text) or not metas or not all(is_shapes_meta(m) for m in metas):
+        return None, "the samples carry no shapes metadata: each caption is a hit only for its own image"
+    try:
+        truth = torch.from_numpy(truth_matrix(texts, metas))  # (Ni, Nt) bool
+    except ValueError as e:
+        return None, f"{e}: each caption is a hit only for its own image"
+    own = truth[torch.arange(len(own_text)), torch.tensor(own_text)]
+    if not own.all():
+        i = int((~own).nonzero()[0])
+        raise MMError(f"caption {texts[own_text[i]]!r} is false of its own image {i} by mm.data.shapes_truth; "
+                      "the shards and the truth function disagree (regenerate them with `mm data shapes`)")
+    return truth, "a caption is a hit for every image it is true of"
+
+
+def recall_report(sim, single: Sequence[Sequence[int]], truth: torch.Tensor | None = None,
+                  sim_t2i=None, k: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@K and RSUM with ``truth`` positives (single ones when it is None), plus the
+    single-positive figures as ``*_single`` (``i2t_r1_single``, …, ``rsum_single``)."""
+    single_r = recall_at_k(sim, single, k, sim_t2i=sim_t2i)
+    out = dict(single_r) if truth is None else recall_at_k(sim, truth, k, sim_t2i=sim_t2i)
+    out.update({f"{name}_single": v for name, v in single_r.items()})
     return out
 
 

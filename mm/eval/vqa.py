@@ -309,7 +309,9 @@ def results_from_model(args: argparse.Namespace) -> tuple[list, dict, dict]:
     from PIL import Image
 
     import mm.generation.vqa as vqa_generation  # looked up at call time, so tests can stand in for it
+    from mm.data.shards import eval_split
 
+    data = eval_split(args.data)  # a data set root -> its test (else val) split, said on stderr
     answer = vqa_generation.load_vqa_answerer(str(model_dir))
 
     batch_size = max(1, int(getattr(args, "batch_size", 64) or 64))
@@ -320,7 +322,7 @@ def results_from_model(args: argparse.Namespace) -> tuple[list, dict, dict]:
         answers.extend(answer(images, [q for _, q in batch]))
         batch.clear()
 
-    for image_bytes, _, key, qa in iter_vqa_shards(args.data):
+    for image_bytes, _, key, qa in iter_vqa_shards(data):
         keyed.append((key, qa))
         batch.append((image_bytes, qa["question"]))
         if len(batch) == batch_size:
@@ -328,7 +330,7 @@ def results_from_model(args: argparse.Namespace) -> tuple[list, dict, dict]:
     if batch:
         flush()
     if not keyed:
-        raise MMError(f"no VQA questions in {args.data}; shards need a json with qa [{{question, answers}}]")
+        raise MMError(f"no VQA questions in {data}; shards need a json with qa [{{question, answers}}]")
     annotations, questions, qids = vqa_files_from_samples(keyed)
     results = [{"question_id": q, "answer": str(a)} for q, a in zip(qids, answers)]
     return results, annotations, questions

@@ -171,9 +171,10 @@ class PretrainTask:
 
     @torch.no_grad()
     def validate(self, batches) -> dict[str, float]:
-        """Retrieval R@1/5/10 (ITC) on the val set, caption loss, T2I loss and code accuracy."""
+        """Retrieval R@1/5/10 (ITC; multi-positive on shapes data, single ones as ``*_single``) on the
+        val set, caption loss, T2I loss and code accuracy."""
         m = self.model
-        img_emb, txt_emb, captions = [], [], []
+        img_emb, txt_emb, captions, metas = [], [], [], []
         cap_sum = cap_n = t2i_sum = t2i_correct = t2i_n = 0.0
         for batch in batches:
             images, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"].bool()
@@ -182,6 +183,7 @@ class PretrainTask:
                 img_emb.append(m.pool_image(image_states).float().cpu())
                 txt_emb.append(m.text_embedding(ids, mask).float().cpu())
                 captions += list(batch["caption"])
+                metas += list(batch.get("meta") or [None] * len(batch["caption"]))
             if "caption" in self.active:
                 loss, _ = obj.caption_loss(m, image_states, ids, mask)
                 n = float(mask[:, 1:].sum())
@@ -194,7 +196,8 @@ class PretrainTask:
                 t2i_n += correct.numel()
         out = {}
         if img_emb:
-            out.update(retrieval_metrics(torch.cat(img_emb) @ torch.cat(txt_emb).t(), captions))
+            # Multi-positive (truth function) on shapes data, else single; `*_single` always.
+            out.update(retrieval_metrics(torch.cat(img_emb) @ torch.cat(txt_emb).t(), captions, metas=metas))
         if cap_n:
             out["caption_loss"] = cap_sum / cap_n
         if t2i_n:
@@ -256,19 +259,22 @@ def unique_captions(captions: list[str]) -> tuple[list[str], list[int], list[int
     return list(index), of_sample, first
 
 
-def retrieval_metrics(sim: torch.Tensor, captions: list[str], sim_t2i: torch.Tensor | None = None) -> dict:
-    """R@1/5/10 both ways and RSUM for an (images, samples) similarity matrix.
+def retrieval_metrics(sim: torch.Tensor, captions: list[str], sim_t2i: torch.Tensor | None = None,
+                      metas: list | None = None) -> dict:
+    """R@1/5/10 both ways and RSUM for an (images, samples) similarity matrix, and ``*_single``.
 
     Samples with identical captions are one text (shapes captions repeat): text columns are
-    merged by caption (their similarities are identical anyway) and each image's positive is
-    its caption; a text's positives are all images with that caption.
+    merged by caption (their similarities are identical anyway). With shapes metadata (``metas``)
+    a text is a hit for every image it is true of; otherwise, and in the ``*_single`` figures,
+    each image's positive is its caption and a text's positives are the images with that caption.
     """
-    from mm.eval.retrieval import recall_at_k
+    from mm.eval.retrieval import recall_report, shapes_positives
 
-    _, of_sample, first = unique_captions(captions)  # a sample column per distinct text
+    texts, of_sample, first = unique_captions(captions)  # a sample column per distinct text
     sim = sim[:, first]
     sim_t2i = sim_t2i[:, first] if sim_t2i is not None else None
-    return recall_at_k(sim, [[t] for t in of_sample], sim_t2i=sim_t2i)
+    truth, _ = shapes_positives(texts, metas or [], of_sample)
+    return recall_report(sim, [[t] for t in of_sample], truth, sim_t2i=sim_t2i)
 
 
 def image_grid(rows: list[torch.Tensor], scale: int | None = None) -> Image.Image:
@@ -292,9 +298,11 @@ def image_grid(rows: list[torch.Tensor], scale: int | None = None) -> Image.Imag
 def _eval_setup(args: argparse.Namespace):
     """(model, tokenizer, vq, device, loader over --data in one ordered pass) for an eval command."""
     from mm.data.pipeline import make_loader
+    from mm.data.shards import eval_split
     from mm.data.tokenizer import load_tokenizer
     from mm.models.bundle import load_bundle
 
+    args.data = eval_split(args.data)  # a data set root -> its test (else val) split, said on stderr
     for name in ("max_samples", "batch_size"):
         if getattr(args, name, 1) < 1:
             raise MMError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -330,12 +338,15 @@ def _write(metrics: dict, out: str) -> None:
 def cli_eval_retrieval(args: argparse.Namespace) -> int:
     """Image→text and text→image R@1/5/10 and RSUM: ITC ranking, then ITM re-ranking of the top-k.
 
-    Samples with identical captions share one text (see ``retrieval_metrics``).
+    Samples with identical captions share one text (see ``retrieval_metrics``). On shapes data a
+    caption is a hit for every image it is true of (``"positives": "truth"``), else only for its
+    own images (``"single"``); the single-positive figures are always there as ``*_single``
+    (``i2t_r1_single``, ``itc_i2t_r1_single``, …).
     """
-    from mm.eval.retrieval import recall_at_k, rerank_topk
+    from mm.eval.retrieval import recall_report, rerank_topk, shapes_positives
 
     model, _, _, device, loader = _eval_setup(args)
-    images, img_emb, txt_emb, ids, masks, captions = [], [], [], [], [], []
+    images, img_emb, txt_emb, ids, masks, captions, metas = [], [], [], [], [], [], []
     for batch in _take(loader, args.max_samples, device):
         images.append(((batch["image"] + 1) * 127.5).round().byte().cpu())  # uint8: exact for 8-bit images
         img_emb.append(model.image_embedding(batch["image"]).float().cpu())
@@ -343,6 +354,7 @@ def cli_eval_retrieval(args: argparse.Namespace) -> int:
         ids.append(batch["input_ids"].cpu())
         masks.append(batch["attention_mask"].cpu())
         captions += list(batch["caption"])
+        metas += list(batch["meta"])
     if not captions:
         raise MMError(f"no samples with a caption in {args.data}; check it with `mm data inspect`")
     images, ids, masks = torch.cat(images), torch.cat(ids), torch.cat(masks)
@@ -357,13 +369,16 @@ def cli_eval_retrieval(args: argparse.Namespace) -> int:
         logits = model.itm_logits(model.fuse(x, states, mask)).float()
         return logits[:, 1] - logits[:, 0]
 
-    positives = [[t] for t in of_sample]
-    metrics = {f"itc_{k}": v for k, v in recall_at_k(sim, positives).items()}
+    # Positives: every caption true of an image (shapes metadata), else each image's own caption.
+    single = [[t] for t in of_sample]
+    truth, note = shapes_positives(texts, metas, of_sample)
+    metrics = {f"itc_{k}": v for k, v in recall_report(sim, single, truth).items()}
     if args.k > 0:
         sim_i2t, sim_t2i = rerank_topk(sim, args.k, itm_score, args.batch_size)
-        metrics.update(recall_at_k(sim_i2t, positives, sim_t2i=sim_t2i))
+        metrics.update(recall_report(sim_i2t, single, truth, sim_t2i=sim_t2i))
     else:
         metrics.update({k[4:]: v for k, v in metrics.items()})
+    metrics.update(positives="truth" if truth is not None else "single", positives_note=note)
     metrics.update(images=len(captions), texts=len(texts), k=args.k)
     _write(metrics, args.out)
     return 0

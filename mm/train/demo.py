@@ -207,7 +207,8 @@ def summary_line(stage: str, r: dict) -> str:
         return f"step {r.get('step')}, val ITC R@1 i2t {_fmt(r.get('val/i2t_r1'), '%')} " \
                f"t2i {_fmt(r.get('val/t2i_r1'), '%')}"
     if stage == "generate":
-        return f"{r['images']} images, compositional accuracy {_fmt(r['accuracy'], '%')}"
+        return (f"{r['images']} images, compositional accuracy {_fmt(r['accuracy'], '%')}, "
+                f"ceiling {_fmt(r.get('ceiling'), '%')}")
     if stage == "vqa":
         return f"step {r.get('step')}, val VQA accuracy {_fmt(r.get('val/vqa_accuracy'), '%')}"
     if stage == "evaluate":

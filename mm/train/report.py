@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-# The quality the full demo aims for (issue 8): report key -> (goal, unit).
-GOALS = {"t2i_compositional_accuracy": 95.0, "vqa_accuracy": 95.0, "retrieval_r1_i2t": 90.0,
-         "retrieval_r1_t2i": 90.0}
+# The quality the full demo aims for (issue 8): report key -> (goal, unit). The T2I ceiling's goal
+# is DESIGN.md §6: below 98 % the compositional accuracy is capped by the VQ, not the model.
+GOALS = {"t2i_compositional_accuracy": 95.0, "t2i_ceiling": 98.0, "vqa_accuracy": 95.0,
+         "retrieval_r1_i2t": 90.0, "retrieval_r1_t2i": 90.0}
 REQUIRED = ("vq_psnr", "vq_code_usage", "retrieval_r1_i2t", "retrieval_r1_t2i", "t2i_compositional_accuracy",
-            "vqa_accuracy", "caption_cider", "minutes")
+            "t2i_ceiling", "vqa_accuracy", "caption_cider", "minutes")
 SHOW = 4  # upscale factor of the 32-px images shown in the report
 
 
@@ -35,7 +36,8 @@ SHOW = 4  # upscale factor of the 32-px images shown in the report
 def generate_held_out(model_dir: Path, out: Path, per_prompt: int, stride: int, guidance: float,
                       top_k: int) -> dict:
     """Generate ``per_prompt`` images for every ``stride``-th held-out prompt, detect the objects in
-    each and check them against the prompt's spec; writes images, scores.json and a grid."""
+    each and check them against the prompt's spec; writes images, scores.json and a grid. Also the
+    T2I ceiling: the same check on the VQ's reconstructions of true renders of all the prompts."""
     from mm.data.detector import detect, match_spec
     from mm.data.shapes import held_out_prompts
     from mm.generation.cli import prompt_grid
@@ -63,11 +65,25 @@ def generate_held_out(model_dir: Path, out: Path, per_prompt: int, stride: int, 
                        [specs[i]["prompt"] for i in shown], per_prompt)
     grid.save(out / "grid.png")
     correct = [r["correct"] for r in rows]
-    return {"images": len(rows), "prompts": len(specs), "accuracy": 100.0 * sum(correct) / len(correct),
+    return {**held_out_ceiling(pipe, images[0].width),
+            "images": len(rows), "prompts": len(specs), "accuracy": 100.0 * sum(correct) / len(correct),
             "per_tag": {t: 100.0 * sum(v) / len(v) for t, v in by_tag.items()},
             "per_attribute": {a: 100.0 * _mean([r[a] for r in rows if r[a] is not None]) for a in
                               ("shape", "color", "count", "position")},
             "grid": str(out / "grid.png"), "guidance": guidance, "top_k": top_k}
+
+
+def held_out_ceiling(pipe, image_size: int) -> dict:
+    """The T2I ceiling in percent (DESIGN.md §6) of the pipeline's VQ on all held-out prompts,
+    at the size of the generated images: the accuracy a perfect code sampler would reach."""
+    from mm.data.shapes import held_out_prompts
+    from mm.eval.t2i import ATTRIBUTES, t2i_ceiling
+
+    c = t2i_ceiling(pipe.vq, len(held_out_prompts()), image_size, seed=0, renders_per_prompt=2)
+    return {"ceiling": 100.0 * c["overall"], "ceiling_raw": 100.0 * c["raw"]["overall"],
+            "ceiling_images": c["images"],
+            "ceiling_per_tag": {t: 100.0 * v for t, v in c["per_tag"].items()},
+            "ceiling_per_attribute": {a: 100.0 * c[a] for a in ATTRIBUTES if c[a] is not None}}
 
 
 def _mean(values: list) -> float:
@@ -195,9 +211,13 @@ def evaluate_all(demo_dir: Path, test: str, max_samples: int, rerank_k: int, num
     qa = _quiet_eval(cli_eval_vqa, model=str(vqa), data=test, out=str(evals / "vqa.json"), batch_size=64,
                      predictions=None, annotations=None, questions=None)
     metrics.update({
+        # Multi-positive on shapes (a caption is a hit for every image it is true of: 100 % is
+        # reachable); the single-positive figures (own caption only) beside them.
         "retrieval_r1_i2t": ret["i2t_r1"], "retrieval_r1_t2i": ret["t2i_r1"],
+        "retrieval_r1_i2t_single": ret["i2t_r1_single"], "retrieval_r1_t2i_single": ret["t2i_r1_single"],
         "retrieval_r5_i2t": ret["i2t_r5"], "retrieval_r5_t2i": ret["t2i_r5"],
         "retrieval_itc_r1_i2t": ret["itc_i2t_r1"], "retrieval_itc_r1_t2i": ret["itc_t2i_r1"],
+        "retrieval_positives": ret["positives"],
         "retrieval_images": ret["images"], "retrieval_texts": ret["texts"],
         "caption_cider": cap["cider_d"], "caption_bleu4": cap["bleu4"],
         "vqa_accuracy": qa["overall"], "vqa_accuracy_per_answer_type": qa["perAnswerType"],
@@ -261,6 +281,11 @@ def write_report(demo) -> dict:
     report["t2i_compositional_accuracy"] = gen["accuracy"]
     report["t2i_per_tag"] = gen["per_tag"]
     report["t2i_per_attribute"] = gen["per_attribute"]
+    # .get: a generate stage finished before the ceiling existed has no such keys (it is not re-run).
+    report["t2i_ceiling"] = gen.get("ceiling", float("nan"))
+    report["t2i_ceiling_raw"] = gen.get("ceiling_raw", float("nan"))
+    report["t2i_ceiling_per_tag"] = gen.get("ceiling_per_tag", {})
+    report["t2i_ceiling_per_attribute"] = gen.get("ceiling_per_attribute", {})
     report["stage_minutes"] = {s: r["seconds"] / 60 for s, r in records.items()}
     report["stage_cpu_minutes"] = {s: r["cpu_seconds"] / 60 for s, r in records.items()}
     report["minutes"] = sum(report["stage_minutes"].values())
@@ -278,22 +303,33 @@ def write_report(demo) -> dict:
     return report
 
 
+def _pct(v) -> str:
+    return f"{v:.1f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
+
+
+def ceiling_sentence(r: dict) -> str:
+    """What the T2I ceiling of report.json means, with its breakdown, for report.md."""
+    parts = ", ".join(f"{t} {_pct(v)}%" for t, v in r.get("t2i_ceiling_per_tag", {}).items())
+    return (f"T2I ceiling {_pct(r.get('t2i_ceiling'))}% (goal ≥ {GOALS['t2i_ceiling']:.0f}%): the same "
+            f"detector check on the VQ's reconstructions of true renders of every held-out prompt "
+            f"(two each; the renders themselves score {_pct(r.get('t2i_ceiling_raw'))}%), the most a "
+            f"model decoding through this VQ can score. Per kind: {parts or 'n/a'}.")
+
+
 def _rel(demo, path: str) -> str:
     return str(Path(path).resolve().relative_to(demo.out.resolve()))
 
 
 def markdown(demo, r: dict, gen: dict, examples: list[dict], curves: dict) -> str:
     """report.md: figures against the goals, timings, the prompt grid, reconstructions, examples."""
-    def pct(v):
-        return f"{v:.1f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
-
+    pct = _pct
     lines = [f"# mm demo report ({r['mode']})", "",
              (f"Wall time {r['minutes']:.1f} min, CPU time {r['cpu_minutes']:.1f} min "
               f"({r['torch_threads']} torch threads)."), "",
              "| figure | value | goal |", "|---|---|---|"]
     for key, unit in (("vq_psnr", "dB"), ("vq_code_usage", "%"), ("vq_detector_agreement", "%"),
-                      ("retrieval_r1_i2t", "%"), ("retrieval_r1_t2i", "%"), ("t2i_compositional_accuracy", "%"), ("vqa_accuracy", "%"),
-                      ("caption_cider", "")):
+                      ("retrieval_r1_i2t", "%"), ("retrieval_r1_t2i", "%"), ("t2i_compositional_accuracy", "%"),
+                      ("t2i_ceiling", "%"), ("vqa_accuracy", "%"), ("caption_cider", "")):
         goal = f"≥ {GOALS[key]:.0f}{unit}" if key in GOALS else ""
         lines.append(f"| {key} | {pct(r.get(key))}{unit} | {goal} |")
     lines += ["", "| stage | wall min | CPU min |", "|---|---|---|"]
@@ -303,7 +339,8 @@ def markdown(demo, r: dict, gen: dict, examples: list[dict], curves: dict) -> st
               f"{gen['guidance']}), scored by the shapes detector. Accuracy per kind of prompt: "
               + ", ".join(f"{t} {pct(v)}%" for t, v in gen["per_tag"].items())
               + "; per attribute: " + ", ".join(f"{a} {pct(v)}%" for a, v in gen["per_attribute"].items()) + ".",
-              "", f"![prompt grid]({_rel(demo, gen['grid'])})", "",
+              "", ceiling_sentence(r), "",
+              f"![prompt grid]({_rel(demo, gen['grid'])})", "",
               "## VQ reconstructions (original | reconstruction)", "",
               "![VQ reconstructions](report/vq_reconstructions.png)", "",
               "## Captions and VQA answers on test images", "",

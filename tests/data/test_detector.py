@@ -1,11 +1,25 @@
 """The deterministic shapes detector: accuracy on ground truth, robustness, spec matching."""
 
+import copy
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
 from mm.data.detector import classify_shape, connected_components, detect, match_spec
-from mm.data.shapes import SHAPES, render_scene, render_spec, sample_rng, sample_scene, shape_mask
+from mm.data.shapes import (
+    CELLS,
+    COLORS,
+    SHAPES,
+    make_object,
+    render_scene,
+    render_spec,
+    sample_background,
+    sample_rng,
+    sample_scene,
+    shape_mask,
+)
+from mm.data.shapes_text import held_out_prompts
 
 
 def object_accuracy(size, n, seed=0, split="test", degrade=None, keys=("shape", "color", "size", "cell", "bbox")):
@@ -136,3 +150,193 @@ def test_rendered_spec_then_detected_is_correct_and_a_wrong_spec_is_not():
     assert match_spec(dets, RED_ABOVE_BLUE)["correct"]
     flipped = dict(RED_ABOVE_BLUE, relation={"a": 0, "b": 1, "relation": "below"})
     assert match_spec(dets, flipped)["position"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Rejection: detect + match_spec on real renders must fail every kind of wrong image (issue 15),
+# or a T2I score of 100 % would not mean the prompts were drawn. Each wrong image is a true
+# render of a mutated spec (or scene), checked against the original spec.
+
+HELD_OUT = held_out_prompts()
+OPPOSITE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+COLOR_NAMES = list(COLORS)
+
+
+def _next(values, current, avoid=()):
+    """The first value after ``current`` (cyclically) that is not ``current`` nor in ``avoid``."""
+    values = list(values)
+    i = values.index(current)
+    return next(v for v in values[i + 1:] + values[:i] if v not in avoid)
+
+
+def wrong_colour(spec):
+    s = copy.deepcopy(spec)
+    s["objects"][0]["color"] = _next(COLOR_NAMES, s["objects"][0]["color"])
+    return s
+
+
+def wrong_shape(spec):
+    s = copy.deepcopy(spec)
+    s["objects"][0]["shape"] = _next(SHAPES, s["objects"][0]["shape"])
+    return s
+
+
+def swapped_binding(spec):
+    """Two groups' colours exchanged ("a red circle and a blue square" drawn as a blue circle and
+    a red square); None when that would draw the same thing (one group, same colour or shape)."""
+    s = copy.deepcopy(spec)
+    if len(s["objects"]) < 2:
+        return None
+    a, b = s["objects"][0], s["objects"][1]
+    if a["color"] == b["color"] or a["shape"] == b["shape"]:
+        return None
+    a["color"], b["color"] = b["color"], a["color"]
+    return s
+
+
+def moved(spec):
+    """The stated cell changed, or the relation reversed; None when the spec says no position."""
+    s = copy.deepcopy(spec)
+    if s.get("relation"):
+        s["relation"]["relation"] = OPPOSITE[s["relation"]["relation"]]
+    elif any(g.get("cell") for g in s["objects"]):
+        g = next(g for g in s["objects"] if g.get("cell"))
+        g["cell"] = _next(CELLS, g["cell"])
+    else:
+        return None
+    return s
+
+
+def extra_object(spec):
+    s = copy.deepcopy(spec)
+    used = {g["color"] for g in s["objects"]}
+    colour = _next(COLOR_NAMES, s["objects"][0]["color"], avoid=used)
+    s["objects"].append({"color": colour, "shape": "square", "count": 1, "cell": None})
+    return s
+
+
+def missing_object(spec):
+    """One object fewer; None for a one-object spec (a blank image, tested below)."""
+    s = copy.deepcopy(spec)
+    last = s["objects"][-1]
+    if int(last.get("count", 1)) > 1:
+        last["count"] -= 1
+    elif len(s["objects"]) > 1:
+        s["objects"].pop()
+        s["relation"] = None  # it named the removed group
+    else:
+        return None
+    return s
+
+
+# mutation -> the attribute that must be wrong (besides "correct").
+MUTATIONS = {wrong_colour: "color", wrong_shape: "shape or color", swapped_binding: "color",
+             moved: "position", extra_object: "count", missing_object: "count"}
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("mutate", list(MUTATIONS), ids=lambda f: f.__name__)
+def test_detector_rejects_renders_of_a_wrong_spec(mutate, size):
+    checked = 0
+    for i, spec in enumerate(HELD_OUT):
+        wrong = mutate(spec)
+        if wrong is None:
+            continue
+        img, _ = render_spec(wrong, size, seed=i)
+        r = match_spec(detect(img), spec)
+        assert not r["correct"], (mutate.__name__, spec["prompt"], r)
+        # The failure is the attribute the mutation broke ("shape or color": another group may
+        # have the new shape, then only the colour-shape binding is wrong).
+        assert not all(r[a] for a in MUTATIONS[mutate].split(" or ")), (mutate.__name__, spec["prompt"], r)
+        checked += 1
+    assert checked >= 12  # at least one kind of prompt fully covered
+    # The unmutated spec, drawn the same way, passes: the rejection is the mutation's doing.
+    assert all(match_spec(detect(render_spec(s, size, seed=i)[0]), s)["correct"] for i, s in enumerate(HELD_OUT))
+
+
+def scene_spec(objects):
+    """The spec a scene satisfies: its (colour, shape) groups with counts; a lone object's cell."""
+    groups = {}
+    for o in objects:
+        groups.setdefault((o["color"], o["shape"]), []).append(o["cell"])
+    return {"objects": [{"color": c, "shape": s, "count": len(cells), "cell": cells[0] if len(cells) == 1 else None}
+                        for (c, s), cells in groups.items()], "relation": None}
+
+
+def scene_mutations(objects, rng, size):
+    """Wrong versions of a scene's object list (textured backgrounds, both object sizes)."""
+    first, used = objects[0], {o["cell"] for o in objects}
+    free = [c for c in CELLS if c not in used]
+    return {
+        "colour": [dict(first, color=_next(COLOR_NAMES, first["color"]), rgb=None)] + objects[1:],
+        "shape": [dict(first, shape=_next(SHAPES, first["shape"]))] + objects[1:],
+        "moved": [make_object(rng, first["shape"], first["color"], first["size"], free[0], size)] + objects[1:],
+        "extra": objects + [make_object(rng, _next(SHAPES, first["shape"]), first["color"], "large", free[0], size)],
+        "missing": objects[1:],
+    }
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_detector_rejects_wrong_versions_of_random_scenes(size):
+    rejected = {}
+    for i in range(40):
+        rng = sample_rng(0, "test", i)
+        scene = sample_scene(rng, size)
+        objects, spec = scene["objects"], scene_spec(scene["objects"])
+        truth = render_scene(objects, scene["background"], size)
+        assert match_spec(detect(truth), spec)["correct"], (i, spec)
+        for name, wrong in scene_mutations(objects, rng, size).items():
+            if name == "moved" and spec["objects"][0]["cell"] is None:
+                continue  # the first object's group has no single cell to leave
+            r = match_spec(detect(render_scene(wrong, scene["background"], size)), spec)
+            assert not r["correct"], (i, name, spec, r)
+            rejected[name] = rejected.get(name, 0) + 1
+    assert set(rejected) == {"colour", "shape", "moved", "extra", "missing"} and min(rejected.values()) >= 10
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_detector_finds_nothing_in_blank_images(size):
+    # Plain greys from black to white and every textured background of the generator.
+    blanks = [Image.new("RGB", (size, size), (v, v, v)) for v in (0, 40, 128, 200, 255)]
+    blanks += [render_scene([], sample_background(np.random.default_rng(k)), size) for k in range(30)]
+    for img in blanks:
+        assert detect(img) == []
+    assert not any(match_spec([], spec)["correct"] for spec in HELD_OUT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Robustness: VQ reconstructions are slightly blurred renders; the detector must still read them.
+
+
+def held_out_pass_rate(size, degrade, renders=2):
+    ok = [match_spec(detect(degrade(render_spec(spec, size, seed=100 * r + i)[0], size)), spec)["correct"]
+          for r in range(renders) for i, spec in enumerate(HELD_OUT)]
+    return sum(ok) / len(ok)
+
+
+def gaussian_blur(img, size):
+    return img.filter(ImageFilter.GaussianBlur(0.5))
+
+
+def down_up(img, size):
+    half = img.resize((size // 2, size // 2), Image.Resampling.BILINEAR)
+    return half.resize((size, size), Image.Resampling.BILINEAR)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_detector_reads_mildly_blurred_renders(size):
+    # Measured: 100 % of 240 renders at 32, 48 and 64 px (radius 0.7: 98.3 / 98.8 / 99.6 %).
+    assert held_out_pass_rate(size, gaussian_blur) == 1.0
+
+
+@pytest.mark.parametrize("size", [
+    pytest.param(32, marks=pytest.mark.xfail(reason=(
+        "measured: the detector reads 35.8 % (43/120) of these 2x bilinear down/up-sampled 32-px "
+        "held-out renders (48 px: 59.2 %); diamonds read as circles, triangles as squares or "
+        "circles, small squares as circles. Detector work in progress (issue 15)"))),
+    pytest.param(64, marks=pytest.mark.xfail(reason=(
+        "measured: the detector reads 80.8 % (97/120) of these 2x bilinear down/up-sampled 64-px "
+        "held-out renders; small diamonds read as circles. Detector work in progress (issue 15)"))),
+])
+def test_detector_reads_down_up_sampled_renders(size):
+    assert held_out_pass_rate(size, down_up) >= 0.98

@@ -104,3 +104,67 @@ def test_rerank_directions_use_their_own_candidates():
     assert torch.equal(s_t2i, truth)
     r = recall_at_k(s_i2t, [[0, 1], [2]], k=(1,), sim_t2i=s_t2i)
     assert r["i2t_r1"] == 100 and r["t2i_r1"] == 100
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-positive retrieval on shapes: a caption is a hit for every image it is true of
+
+
+def shapes_eval_set(n=200):
+    """(distinct captions, metadata per image, index of each image's own caption) of n test samples."""
+    from mm.data.shapes import make_sample
+
+    metas = [make_sample(0, "test", i, 32)["json"] for i in range(n)]
+    texts = list(dict.fromkeys(m["caption"] for m in metas))
+    return texts, metas, [texts.index(m["caption"]) for m in metas]
+
+
+def test_perfect_scorer_reaches_100_both_ways_and_random_does_not():
+    from mm.eval.retrieval import recall_report, shapes_positives
+
+    texts, metas, own = shapes_eval_set()
+    truth, note = shapes_positives(texts, metas, own)
+    assert truth is not None and "true of" in note
+    assert truth.sum() > len(own)  # captions true of other images too: single positives miss them
+    single = [[t] for t in own]
+
+    perfect = recall_report(truth.float(), single, truth)  # the ceiling: 100 % by construction
+    assert perfect["i2t_r1"] == 100 and perfect["t2i_r1"] == 100 and perfect["rsum"] == 600
+    assert perfect["t2i_r1_single"] < 100  # single positives cannot credit a true other image
+
+    random = recall_report(torch.rand(truth.shape, generator=torch.Generator().manual_seed(0)), single, truth)
+    assert random["i2t_r1"] < 10 and random["t2i_r1"] < 10 and random["i2t_r10"] < 30
+    assert set(random) == set(perfect) and "i2t_r1_single" in random and "rsum_single" in random
+
+
+def test_bool_matrix_positives_match_lists():
+    sim = torch.tensor([[0.9, 0.1, 0.5, 0.2], [0.8, 0.7, 0.6, 0.1], [0.3, 0.2, 0.4, 0.35]])
+    lists = [[0, 1], [2], [3]]
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    assert recall_at_k(sim, mask, k=(1, 2, 3)) == recall_at_k(sim, lists, k=(1, 2, 3))
+    with pytest.raises(MMError, match="no image"):
+        recall_at_k(sim, torch.tensor([[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0]], dtype=torch.bool))  # text 3
+    with pytest.raises(MMError, match="shape"):
+        recall_at_k(sim, mask[:2])
+
+
+def test_without_shapes_metadata_positives_fall_back_to_single():
+    from mm.eval.retrieval import recall_report, shapes_positives
+
+    truth, note = shapes_positives(["a dog", "a cat"], [{}, {"caption": "a cat"}], [0, 1])
+    assert truth is None and "no shapes metadata" in note
+    texts, metas, own = shapes_eval_set(10)
+    truth, note = shapes_positives(texts[:-1] + ["a photo of a dog"], metas, own)  # a caption outside the grammar
+    assert truth is None and "not a shapes caption" in note
+    r = recall_report(torch.eye(3), [[0], [1], [2]])
+    assert r["i2t_r1"] == r["i2t_r1_single"] == 100
+
+
+def test_a_caption_false_of_its_own_image_is_an_error():
+    from mm.eval.retrieval import shapes_positives
+
+    texts, metas, own = shapes_eval_set(10)
+    metas[0] = {**metas[0], "objects": [{**o, "color": "red" if o["color"] != "red" else "blue"}
+                                        for o in metas[0]["objects"]]}
+    with pytest.raises(MMError, match="false of its own image 0"):
+        shapes_positives(texts, metas, own)

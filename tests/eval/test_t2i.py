@@ -15,6 +15,7 @@ from mm.eval.t2i import (
     feature_stats,
     frechet_distance,
     rendered_references,
+    t2i_ceiling,
 )
 from mm.generation.pipeline import to_pil
 from tests.generation.conftest import bundle_dir  # noqa: F401  (the tiny exported model fixture)
@@ -65,6 +66,88 @@ def test_compositional_score_is_perfect_on_rendered_images_and_zero_on_blank():
     assert blank["overall"] == 0.0 and blank["color"] == 0.0
 
 
+class IdentityVQ(torch.nn.Module):
+    """A perfect tokenizer: the "codes" are the image itself."""
+
+    def encode(self, images):
+        return images
+
+    def decode(self, codes):
+        return codes
+
+
+class BlankVQ(IdentityVQ):
+    """A tokenizer that loses everything: every reconstruction is plain mid grey."""
+
+    def decode(self, codes):
+        return torch.zeros_like(codes)
+
+
+CEILING_KEYS = {"overall", "color", "shape", "count", "position", "per_tag", "raw", "images",
+                "renders_per_prompt", "image_size"}
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_t2i_ceiling_is_perfect_for_a_lossless_vq_and_zero_for_a_blanking_one(size):
+    perfect = t2i_ceiling(IdentityVQ(), 60, size, renders_per_prompt=2)
+    assert set(perfect) == CEILING_KEYS and perfect["images"] == 120
+    assert perfect["overall"] == 1.0 and all(perfect[a] == 1.0 for a in ("color", "shape", "count", "position"))
+    assert set(perfect["per_tag"]) == {"single", "two", "count", "position", "relation"}
+    assert set(perfect["per_tag"].values()) == {1.0}
+    assert perfect["raw"]["overall"] == 1.0  # the detector reads every true render
+    blank = t2i_ceiling(BlankVQ(), 60, size, renders_per_prompt=2)
+    assert blank["overall"] == 0.0 and blank["color"] == blank["shape"] == 0.0
+    assert set(blank["per_tag"].values()) == {0.0}
+    assert blank["raw"]["overall"] == 1.0  # the renders were fine; the VQ lost them
+
+
+def test_t2i_ceiling_renders_differ_between_renders_of_a_prompt():
+    # Render r of prompt i uses seed + i + r * num_prompts: the two renders of a prompt are two
+    # different drawings, and render 0 is the FID reference drawing.
+    seen = []
+
+    class Recorder(IdentityVQ):
+        def encode(self, images):
+            seen.append(images.clone())
+            return images
+
+    t2i_ceiling(Recorder(), 3, 32, seed=5, renders_per_prompt=2)
+    images = torch.cat(seen)  # (6, 3, 32, 32), render-major
+    assert images.shape == (6, 3, 32, 32)
+    specs = eval_prompts(3)
+    assert torch.equal(images[:3], rendered_references(specs, 32, 5))
+    assert not any(torch.equal(images[i], images[i + 3]) for i in range(3))
+    with pytest.raises(MMError, match="renders_per_prompt"):
+        t2i_ceiling(IdentityVQ(), 3, 32, renders_per_prompt=0)
+
+
+def test_t2i_ceiling_runs_on_a_tiny_trained_vq():
+    # A few hundred steps do not make a good VQ: this checks the plumbing (real encode/decode,
+    # codes, batching), not the value.
+    import torch.nn.functional as F
+
+    from mm.data.shapes import render_scene, sample_rng, sample_scene
+    from mm.generation.pipeline import to_tensor
+    from mm.models.vq import VQTokenizer, VQTokenizerConfig
+
+    torch.manual_seed(0)
+    vq = VQTokenizer(VQTokenizerConfig(codebook_size=64, code_dim=4, downsample=4, patch_size=4, channels=32,
+                                       channel_mult=[1], mid_attention=False, image_size=32)).train()
+    opt = torch.optim.Adam(vq.parameters(), 2e-3)
+    for step in range(200):
+        scenes = [sample_scene(sample_rng(0, "train", 16 * step + j), 32) for j in range(16)]
+        x = to_tensor([render_scene(s["objects"], s["background"], 32) for s in scenes], 32)
+        recon, aux = vq(x)
+        loss = F.mse_loss(recon, x) + aux["vq_loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        vq.after_step(step)
+    got = t2i_ceiling(vq.eval(), 60, 32, renders_per_prompt=2, batch=32)
+    assert set(got) == CEILING_KEYS and got["images"] == 120 and got["raw"]["overall"] == 1.0
+    assert 0.0 <= got["overall"] <= 1.0 and set(got["per_tag"]) == {"single", "two", "count", "position", "relation"}
+
+
 def test_inception_features_from_a_local_torchscript(tmp_path):
     class Tiny(torch.nn.Module):
         def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
@@ -92,6 +175,10 @@ def test_eval_t2i_command(bundle_dir, tmp_path, capsys):  # noqa: F811
     assert 0.0 <= m["t2i_compositional_accuracy"] <= 1.0 and np.isfinite(m["fid"]) and m["fid"] >= 0
     assert -100 <= m["itc_score"] <= 100
     assert set(m["compositional"]) >= {"overall", "color", "shape", "count", "position", "per_tag"}
+    # The ceiling: the same prompts' true renders through the bundle's (random) VQ.
+    assert 0.0 <= m["t2i_ceiling"] <= 1.0 and m["t2i_ceiling"] == m["ceiling"]["overall"]
+    assert m["ceiling"]["images"] == 12 and m["ceiling"]["image_size"] == 16
+    assert "t2i_ceiling" in capsys.readouterr().err
 
 
 def test_eval_t2i_with_shard_references(bundle_dir, shapes_shards, tmp_path, capsys):  # noqa: F811

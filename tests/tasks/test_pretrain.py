@@ -118,6 +118,7 @@ def test_validate_reports_every_metric(tmp_path):
         out = task.validate(iter([make_batch(task.tokenizer, 5, split="val"),
                                   make_batch(task.tokenizer, 3, start=5, split="val")]))
     assert {"i2t_r1", "t2i_r1", "rsum", "caption_loss", "t2i_loss", "t2i_acc"} <= set(out)
+    assert {"i2t_r1_single", "t2i_r1_single", "rsum_single"} <= set(out)  # shapes meta: truth + single
     assert 0 <= out["t2i_acc"] <= 1 and out["caption_loss"] > 0
     vlp = PretrainTask(tiny_config(tmp_path, t2i=0.0))
     with torch.no_grad():
@@ -172,7 +173,22 @@ def test_mm_train_runs_the_task_and_exports_the_bundle(trained):
     assert (final / "vq" / "model.safetensors").read_bytes() == (run / "vq" / "final" / "model.safetensors").read_bytes()
 
 
-def test_eval_retrieval_and_caption_commands(trained, tmp_path):
+def test_retrieval_metrics_with_shapes_metadata_use_the_truth_function():
+    from mm.data.shapes import make_sample
+    from mm.data.shapes_truth import truth_matrix
+
+    metas = [make_sample(0, "val", i, 32)["json"] for i in range(60)]
+    captions = [m["caption"] for m in metas]
+    truth = torch.from_numpy(truth_matrix(captions, metas)).float()  # (images, samples)
+    # Every true caption scores 1 except the image's own, 0.5: right by the truth, wrong by single.
+    sim = truth - 0.5 * torch.eye(60)
+    out = retrieval_metrics(sim, captions, metas=metas)
+    assert out["i2t_r1"] == 100 and out["t2i_r1"] == 100
+    assert out["i2t_r1_single"] < 100  # an image with another true caption ranks it first
+    assert set(retrieval_metrics(sim, captions)) == set(out)  # no metadata: single, same keys
+
+
+def test_eval_retrieval_and_caption_commands(trained, tmp_path, capsys):
     val = next((trained / "shapes").rglob("val"))  # the built-in val shards the run used
     out = tmp_path / "retrieval.json"
     args = ["eval", "retrieval", "--model", str(trained / "run"), "--data", str(val), "--k", "4",
@@ -183,6 +199,15 @@ def test_eval_retrieval_and_caption_commands(trained, tmp_path):
     for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "itc_i2t_r1"):
         assert 0 <= metrics[key] <= (600 if key == "rsum" else 100)
     assert metrics["i2t_r10"] >= metrics["i2t_r5"] >= metrics["i2t_r1"]
+    assert metrics["positives"] == "truth"  # shapes metadata: a caption is a hit wherever it is true
+    for key in ("i2t_r1_single", "t2i_r10_single", "rsum_single", "itc_i2t_r1_single", "itc_t2i_r1_single"):
+        assert 0 <= metrics[key] <= (600 if "rsum" in key else 100)
+    # The data set root (train/ val/ test/) is accepted: its test split is used, and said.
+    capsys.readouterr()
+    assert main(["eval", "retrieval", "--model", str(trained / "run"), "--data", str(val.parent), "--k", "0",
+                 "--max-samples", "8", "--out", str(tmp_path / "root.json")]) == 0
+    assert "evaluating on its test split" in capsys.readouterr().err
+    assert json.loads((tmp_path / "root.json").read_text())["images"] == 8
     out = tmp_path / "caption.json"
     assert main(["eval", "caption", "--model", str(trained / "run"), "--data", str(val),
                  "--max-samples", "6", "--out", str(out)]) == 0
