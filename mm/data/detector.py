@@ -90,18 +90,6 @@ def _template(shape: str, width: int, height: int) -> np.ndarray:
     return shape_mask(shape, width, height)
 
 
-def classify_shape(crop: np.ndarray) -> tuple[str, float]:
-    """Best shape for a boolean mask cropped to its box, and its IoU with that template."""
-    h, w = crop.shape
-    best, best_iou = SHAPES[0], -1.0
-    for shape in SHAPES:
-        t = _template(shape, w, h)
-        iou = float((t & crop).sum()) / max(1, int((t | crop).sum()))
-        if iou > best_iou:
-            best, best_iou = shape, iou
-    return best, best_iou
-
-
 def _soft_blur(t: np.ndarray) -> np.ndarray:
     """A 3x3 binomial blur (the softening a VQ decoder or a resize gives an edge)."""
     k = np.array([0.25, 0.5, 0.25])
