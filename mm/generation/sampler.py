@@ -164,16 +164,38 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
-def choose(logits: Tensor, seeds: Tensor, position: Tensor | int, params: SamplingParams) -> Tensor:
-    """Sample one token per row of logits (B, V) with its own seed → (B,) long."""
+def counter_noise(seeds: Tensor, *counters) -> Tensor:
+    """Uniform numbers in (0, 1): a hash of (seed_i, counters…), (B, …) broadcast over the counters.
+
+    Speculative decoding needs several independent numbers per code (draft, acceptance test,
+    residual draw, each per iteration); the first counter names the stream.
+    """
+    h = _combine(_mix32(seeds & MASK32), (seeds >> 32) & MASK32)  # (B,) key of the sample
+    for c in counters:
+        c = torch.as_tensor(c, dtype=torch.long, device=seeds.device)
+        h = _combine(h.view(h.shape + (1,) * c.dim()), c)  # (B, *c.shape)
+    return ((h >> 8).float() + 0.5) * (1.0 / 16777216.0)
+
+
+def token_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The distribution a token is drawn from: temperature, top-k/top-p, softmax. (.., V) → (.., V) fp32."""
     logits = logits.float()
     if params.temperature != 1.0:
         logits = logits / params.temperature
-    probs = filter_logits(logits, params.top_k, params.top_p).softmax(dim=-1)  # (B, V), 0 where filtered
-    cdf = probs.cumsum(dim=-1)  # (B, V)
-    u = uniform_noise(seeds, position)[:, None] * cdf[:, -1:]  # (B, 1) in (0, total]
-    # The first index with cdf >= u has probability > 0 (u > 0); the clamp guards float round-off.
-    return torch.searchsorted(cdf, u).squeeze(1).clamp(max=logits.shape[-1] - 1)
+    return filter_logits(logits, params.top_k, params.top_p).softmax(dim=-1)  # 0 where filtered
+
+
+def pick(probs: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF draw: probs (.., V) (need not sum to 1), u (..) in (0, 1) → (..) long."""
+    cdf = probs.cumsum(dim=-1)  # (.., V)
+    target = u.unsqueeze(-1) * cdf[..., -1:]  # (.., 1) in (0, total]
+    # The first index with cdf >= target has probability > 0 (target > 0); the clamp guards round-off.
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def choose(logits: Tensor, seeds: Tensor, position: Tensor | int, params: SamplingParams) -> Tensor:
+    """Sample one token per row of logits (B, V) with its own seed → (B,) long."""
+    return pick(token_probs(logits, params), uniform_noise(seeds, position))
 
 
 def guide(logits: Tensor, scale: Tensor) -> Tensor:

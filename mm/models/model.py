@@ -19,6 +19,8 @@ static (B, H, Tmax, d) cache by default, or a growing one with cache="dynamic"):
 
     logits, state = model.t2i_prefill(text_states, text_mask)     # (B, K) logits for code 0
     logits = model.t2i_step(codes_n (B,), state)                  # (B, K) logits for the next code
+    logits = model.t2i_extend(codes (B, t), state)                # (B, t, K): t codes in one forward
+    model.t2i_truncate(state, n)                                  # keep the first n fed tokens (rollback)
     logits, state = model.caption_prefill(image_states, ids (B, t))   # (B, V) for the token after ids
     logits = model.caption_step(ids_n (B,), state)
 
@@ -265,6 +267,22 @@ class MMModel(nn.Module):
         x, rope = self.code_embed(ids, pos)
         h = self.backbone(x, rope, None, state.context_mask, causal=True, caches=state.caches)
         return self.t2i_head(h[:, -1])
+
+    def t2i_extend(self, codes: Tensor, state: DecodeState) -> Tensor:
+        """codes (B, t) fed after the cached ones -> (B, t, K); row j predicts the code after codes[:, j].
+
+        Speculative decoding feeds a window of draft codes this way, then rolls back with t2i_truncate.
+        """
+        pos = state.caches[0].self_attn.next_position() + torch.arange(codes.shape[1], device=codes.device)  # (t,)
+        x, rope = self.code_embed(codes, pos)
+        h = self.backbone(x, rope, None, state.context_mask, causal=True, caches=state.caches)  # (B, t, D)
+        return self.t2i_head(h)
+
+    @staticmethod
+    def t2i_truncate(state: DecodeState, length: int) -> None:
+        """Roll every self-attention cache back to its first ``length`` tokens (the start token is 0)."""
+        for c in state.caches:
+            c.self_attn.truncate(length)
 
     # ---- saving / loading ----------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 During sampling each step feeds only the new token(s); the keys and values of earlier positions
 are kept here instead of being recomputed. Two kinds with one interface
-(``next_position()``, ``update(k, v) -> (keys, values)``, ``reset()``):
+(``next_position()``, ``update(k, v) -> (keys, values)``, ``truncate(n)``, ``reset()``):
 
 - ``KVCache`` grows by concatenation: simple, any length, but a new tensor shape every step.
 - ``StaticKVCache`` preallocates (B, H, Tmax, d) buffers and writes the new keys at a position
@@ -12,6 +12,10 @@ are kept here instead of being recomputed. Two kinds with one interface
 Cross-attention keys/values depend only on the context (the text), so ``CrossKVCache`` stores
 them once, at the first step, and every later step reuses them (with the context's padding mask,
 prepared once too).
+
+``truncate(n)`` rolls a self-attention cache back to its first n positions. Speculative decoding
+(mm.generation.sjd) appends a window of draft tokens in one forward, then keeps only the keys of
+the tokens it accepted: keys at positions < n depend only on tokens < n (causal), so they stay valid.
 
 ``visible(t)`` gives the (t, Tk) causal mask of the next t tokens against the keys the cache will
 hold after writing them; the models compute it once per step and pass it to every layer (all
@@ -53,6 +57,11 @@ class KVCache:
             self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
         return self.k, self.v
 
+    def truncate(self, length: int) -> None:
+        """Keep positions 0 … length-1 (roll back appended draft tokens)."""
+        if self.k is not None:
+            self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
+
     def reset(self) -> None:
         self.k = self.v = None
 
@@ -87,6 +96,10 @@ class StaticKVCache:
         self.v.index_copy_(2, idx, v.to(self.v.dtype))
         self.pos.add_(k.shape[2])
         return self.k, self.v
+
+    def truncate(self, length: int | Tensor) -> None:
+        """Keep positions 0 … length-1: later slots are masked out until they are overwritten."""
+        self.pos.fill_(length)
 
     def reset(self) -> None:
         self.pos.zero_()  # old values stay but are masked out until overwritten
