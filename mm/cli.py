@@ -128,6 +128,11 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="PNG grid")
     p.add_argument("--out-dir", default="", help="also write each image here")
+    p.add_argument("--decode", choices=["plain", "sjd"], default="plain",
+                   help="sjd: speculative Jacobi decoding, same distribution in fewer forwards")
+    p.add_argument("--sjd-window", type=int, default=16, help="draft codes checked per forward (--decode sjd)")
+    p.add_argument("--weights", choices=["fp32", "bf16", "int8"], default="fp32", help="decode weights")
+    p.add_argument("--max-batch", type=int, default=0, help="images sampled together (0 = the pipeline's default)")
     p.set_defaults(func="mm.generation:cli_generate")
 
     p = sub.add_parser("caption", help="caption images")

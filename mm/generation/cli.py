@@ -66,10 +66,17 @@ def cli_generate(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:  # show prompt warnings as one clean line each
         warnings.simplefilter("always")
         prompts = [clean_prompt(p) for p in args.prompt]
+    if args.max_batch < 0:
+        raise MMError(f"--max-batch must be >= 1 (0 = default), got {args.max_batch}")
+    if not 1 <= args.sjd_window <= 256:
+        raise MMError(f"--sjd-window must be in [1, 256], got {args.sjd_window}")
     pipe = TextToImagePipeline.from_pretrained(args.model)
+    pipe.configure(weights=args.weights, decode=args.decode, sjd_window=args.sjd_window,
+                   max_batch=args.max_batch or None)
     h, w = pipe.model.config.code_grid
     total = len(prompts) * args.num_images
-    bar = tqdm(total=h * w, desc=f"sampling {total} image(s)", unit="code", leave=False)
+    batches = -(-total // pipe.max_batch)
+    bar = tqdm(total=h * w * batches, desc=f"sampling {total} image(s)", unit="code", leave=False)
     with warnings.catch_warnings(record=True) as more:
         warnings.simplefilter("always")
         images = pipe(prompts, num_images_per_prompt=args.num_images, guidance_scale=args.guidance,

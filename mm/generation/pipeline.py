@@ -9,11 +9,24 @@ Images come back prompt by prompt (prompt 0's images first). Image j of every pr
 added to the call. Prompts are cleaned before tokenising: control characters and undecodable
 bytes are removed (with a warning); an empty prompt gives an unconditional sample and a
 prompt longer than the model's text length is truncated, each with a warning.
+
+Decoding options (``pipe.configure(...)`` sets them for every call; ``generate_codes`` takes them
+per call too):
+
+- ``decode="plain"`` (one forward per code) or ``"sjd"``: speculative Jacobi decoding
+  (mm.generation.sjd), the same distribution in fewer forwards; ``sjd_window`` draft codes per forward.
+- ``weights="fp32" | "bf16" | "int8"``: decode weights (mm.generation.weights); the fp32 model is
+  kept for saving.
+- ``max_batch``: images sampled together; more images run in consecutive batches. An image depends
+  only on its prompt and seed, so this changes speed, not images. The default comes from
+  scripts/bench/sample.py on a 2-core CPU: tokens/s grows up to batch ~16 and flattens after
+  (BENCHMARKS.md, "Decoding").
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 import unicodedata
 import warnings
 from pathlib import Path
@@ -24,6 +37,11 @@ from PIL import Image
 
 from mm.errors import MMError
 from mm.generation.sampler import MAX_IMAGES, SamplingParams, sample_codes, seeds_tensor
+from mm.generation.sjd import sample_codes_sjd
+from mm.generation.weights import WEIGHTS, decode_weights
+
+DECODERS = ("plain", "sjd")
+DEFAULT_MAX_BATCH = 16  # images per sampling batch (see the module docstring)
 
 
 def clean_prompt(text) -> str:
@@ -70,9 +88,31 @@ class TextToImagePipeline:
     """Text encoder + autoregressive code sampler + VQ decoder, as one callable."""
 
     def __init__(self, model, vq, tokenizer, device=None, source: str | Path | None = None):
-        self.model, self.vq, self.tokenizer = model.eval(), vq.eval(), tokenizer
+        self.base_model = self.model = model.eval()  # base_model: the fp32 weights; model: decode weights
+        self.vq, self.tokenizer = vq.eval(), tokenizer
         self.source = Path(source) if source is not None else None  # the folder it was loaded from
+        self.weights, self.decode_mode, self.sjd_window, self.max_batch = "fp32", "plain", 16, DEFAULT_MAX_BATCH
         self.to(device or next(model.parameters()).device)
+
+    def configure(self, weights: str | None = None, decode: str | None = None, sjd_window: int | None = None,
+                  max_batch: int | None = None) -> TextToImagePipeline:
+        """Set the decode weights, decoder, SJD window and batch cap used by every later call."""
+        if decode is not None:
+            if decode not in DECODERS:
+                raise MMError(f"decode must be one of {', '.join(DECODERS)}, got {decode!r}")
+            self.decode_mode = decode
+        if sjd_window is not None:
+            self.sjd_window = sjd_window
+        if max_batch is not None:
+            if not isinstance(max_batch, int) or max_batch < 1:
+                raise MMError(f"max batch must be an integer >= 1, got {max_batch}")
+            self.max_batch = max_batch
+        if weights is not None and weights != self.weights:
+            if weights not in WEIGHTS:
+                raise MMError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+            self.model = decode_weights(self.base_model, weights).to(self.device)
+            self.weights = weights
+        return self
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device=None) -> TextToImagePipeline:
@@ -86,6 +126,7 @@ class TextToImagePipeline:
 
     def to(self, device) -> TextToImagePipeline:
         self.device = torch.device(device)
+        self.base_model.to(self.device)
         self.model.to(self.device)
         self.vq.to(self.device)
         return self
@@ -93,7 +134,7 @@ class TextToImagePipeline:
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write the same layout back: config.json, model.safetensors, tokenizer/, vq/."""
         out = Path(out_dir)
-        self.model.save_pretrained(out)
+        self.base_model.save_pretrained(out)  # fp32, whatever the decode weights
         self.vq.save_pretrained(out / "vq")
         if hasattr(self.tokenizer, "save"):
             self.tokenizer.save(out / "tokenizer")
@@ -132,8 +173,12 @@ class TextToImagePipeline:
                        top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0, seed=0,
                        negative_prompt: str | list[str] | None = None, guidance_schedule: str = "constant",
                        guidance_interval: tuple[int, int] | None = None, cache: str = "static",
-                       compile: bool | str = False, progress=None) -> torch.Tensor:
-        """Sampled VQ codes (P * n, h, w), prompt-major."""
+                       compile: bool | str = False, progress=None, decode: str | None = None,
+                       sjd_window: int | None = None, stats: list | None = None) -> torch.Tensor:
+        """Sampled VQ codes (P * n, h, w), prompt-major, in batches of at most ``self.max_batch``.
+
+        decode / sjd_window override the configured decoder for this call; stats: a list that
+        gets one dict per batch (``images``, ``seconds``, and for SJD ``forwards``)."""
         prompts = [prompts] if isinstance(prompts, (str, bytes)) else list(prompts)
         n = num_images_per_prompt
         if not prompts:
@@ -142,6 +187,11 @@ class TextToImagePipeline:
             raise MMError(f"number of images per prompt must be >= 1 and at most {MAX_IMAGES} images in all; "
                           f"got {n} x {len(prompts)} prompts")
         params = SamplingParams(guidance_scale, guidance_schedule, guidance_interval, top_k, top_p, temperature).check()
+        decode = decode or self.decode_mode
+        if decode not in DECODERS:
+            raise MMError(f"decode must be one of {', '.join(DECODERS)}, got {decode!r}")
+        if decode == "sjd" and compile:
+            raise MMError("compile is for plain decoding (SJD's window changes shape); use decode='plain'")
         if isinstance(seed, int):
             seed = [seed + j for _ in prompts for j in range(n)]
         seeds = seeds_tensor(seed, len(prompts) * n, self.device)
@@ -156,8 +206,23 @@ class TextToImagePipeline:
                     raise MMError(f"got {len(neg)} negative prompts for {len(prompts)} prompts; give one, or one each")
                 u_states, u_mask = self.encode_prompts(neg)
                 uncond = (u_states.repeat_interleave(n, 0), u_mask.repeat_interleave(n, 0))
-            return sample_codes(self.model, text, seeds, params, uncond=uncond, cache=cache,
-                                compile=compile, progress=progress)
+            out = []
+            for i in range(0, len(seeds), self.max_batch):
+                part = slice(i, i + self.max_batch)
+                t0, info = time.perf_counter(), {}
+                chunk = (text[0][part], text[1][part])
+                un = None if uncond is None else (uncond[0][part], uncond[1][part])
+                if decode == "sjd":
+                    codes = sample_codes_sjd(self.model, chunk, seeds[part], params, uncond=un, cache=cache,
+                                             window=self.sjd_window if sjd_window is None else sjd_window,
+                                             progress=progress, stats=info)
+                else:
+                    codes = sample_codes(self.model, chunk, seeds[part], params, uncond=un, cache=cache,
+                                         compile=compile, progress=progress)
+                out.append(codes)
+                if stats is not None:
+                    stats.append({**info, "images": len(codes), "seconds": time.perf_counter() - t0})
+            return torch.cat(out)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
