@@ -92,6 +92,7 @@ class TextToImagePipeline:
         self.vq, self.tokenizer = vq.eval(), tokenizer
         self.source = Path(source) if source is not None else None  # the folder it was loaded from
         self.weights, self.decode_mode, self.sjd_window, self.max_batch = "fp32", "plain", 16, DEFAULT_MAX_BATCH
+        self.history: list[dict] = []  # one dict per sampled batch (images, seconds, SJD forwards); clear at will
         self.to(device or next(model.parameters()).device)
 
     def configure(self, weights: str | None = None, decode: str | None = None, sjd_window: int | None = None,
@@ -178,7 +179,8 @@ class TextToImagePipeline:
         """Sampled VQ codes (P * n, h, w), prompt-major, in batches of at most ``self.max_batch``.
 
         decode / sjd_window override the configured decoder for this call; stats: a list that
-        gets one dict per batch (``images``, ``seconds``, and for SJD ``forwards``)."""
+        gets one dict per batch (``images``, ``seconds``, and for SJD ``forwards``), as does
+        ``self.history``."""
         prompts = [prompts] if isinstance(prompts, (str, bytes)) else list(prompts)
         n = num_images_per_prompt
         if not prompts:
@@ -220,8 +222,10 @@ class TextToImagePipeline:
                     codes = sample_codes(self.model, chunk, seeds[part], params, uncond=un, cache=cache,
                                          compile=compile, progress=progress)
                 out.append(codes)
+                info.update(decode=decode, weights=self.weights, images=len(codes), seconds=time.perf_counter() - t0)
+                self.history.append(info)
                 if stats is not None:
-                    stats.append({**info, "images": len(codes), "seconds": time.perf_counter() - t0})
+                    stats.append(info)
             return torch.cat(out)
 
     @torch.no_grad()

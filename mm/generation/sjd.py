@@ -112,12 +112,8 @@ def sample_codes_sjd(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor, p
         it += 1
         high = min(int(accepted.max()) + window, n_codes, low + 2 * window)
         t = high - low  # cells low … high-1 get outputs; inputs are cells low-1 … high-2
-        inputs = tokens[:, low - 1:high - 1]  # (B, T)
-        logits = model.t2i_extend(torch.cat([inputs, inputs]) if cfg else inputs, state)  # (B', T, K)
+        p = window_probs(model, state, tokens[:, low - 1:high - 1], scales[low:high], params, cfg)  # (B, T, K)
         forwards += 1
-        if cfg:
-            logits = guide(logits, scales[low:high, None])
-        p = token_probs(logits, params)  # (B, T, K)
         cell = cells[low:high]  # (T,)
         rel = cell[None, :] - accepted[:, None]  # (B, T) slot in each row's window
         end = torch.clamp(accepted + window, max=high)  # (B,) each row tests cells a_r … end-1
@@ -143,6 +139,15 @@ def sample_codes_sjd(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor, p
     if stats is not None:
         stats.update(forwards=forwards, iterations=it, codes=n_codes, window=window)
     return tokens.view(batch, h, w)
+
+
+def window_probs(model, state, inputs: Tensor, scales: Tensor, params: SamplingParams, cfg: bool) -> Tensor:
+    """One forward over inputs (B, T) appended to the cache → the sampling distributions (B, T, K)
+    of the T codes after them: guidance, then temperature/top-k/top-p, as the plain sampler does."""
+    logits = model.t2i_extend(torch.cat([inputs, inputs]) if cfg else inputs, state)  # (B', T, K)
+    if cfg:
+        logits = guide(logits, scales[:, None])  # both branches saw the same codes
+    return token_probs(logits, params)
 
 
 def next_q(q_row: Tensor, p: Tensor, accepted: Tensor, new_accepted: Tensor, end: Tensor, low: int) -> Tensor:
