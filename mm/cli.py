@@ -35,6 +35,8 @@ def _add_data(sub) -> None:
     p.add_argument("--out", required=True, help="output folder for shards")
     p.add_argument("--image-column", default="image", help="CSV/JSONL column with the image path")
     p.add_argument("--caption-column", default="caption", help="CSV/JSONL column with the caption")
+    p.add_argument("--label-column", default="label", help="CSV/JSONL/metadata column with a class label")
+    p.add_argument("--classes", default="", help="comma-separated class list; other labels are skipped")
     p.add_argument("--resize", type=int, default=0, help="resize the short side to N and centre-crop (0 = keep)")
     p.add_argument("--format", default="png", choices=["png", "jpg", "webp"])
     p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
@@ -149,6 +151,12 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--image", required=True)
     p.add_argument("--question", required=True)
     p.set_defaults(func="mm.tasks.vqa:cli_answer")
+
+    p = sub.add_parser("classify", help="the top classes of images with a trained classifier")
+    p.add_argument("--model", required=True, help="exported classifier folder or classify run folder")
+    p.add_argument("--image", nargs="+", required=True)
+    p.add_argument("--top-k", type=int, default=5, help="classes printed per image")
+    p.set_defaults(func="mm.tasks.classify:cli_classify")
 
     p = sub.add_parser("export", help="export a run's newest checkpoint as a Hugging Face-style folder")
     p.add_argument("run_dir")

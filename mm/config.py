@@ -151,6 +151,15 @@ class VQAConfig:
 
 
 @dataclass
+class ClassifyConfig:
+    target: str = "label"  # label (the json's "label") | shape (of 1-object shapes images) | count (objects)
+    mode: str = "finetune"  # finetune (all weights) | probe (frozen backbone: a linear probe)
+    classes: list[str] = field(default_factory=list)  # fixed classes; empty = every label in data.train
+    pool: str = "mean"  # mean | max over the patch states before the head
+    label_smoothing: float = 0.0
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -160,9 +169,10 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     vqa: VQAConfig = field(default_factory=VQAConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
 
 
-STAGES = ("vq", "pretrain", "vqa")
+STAGES = ("vq", "pretrain", "vqa", "classify")
 
 # ---------------------------------------------------------------------------------------------
 # Loading and checking
@@ -367,6 +377,10 @@ def validate(cfg: Config) -> Config:
         ("objectives.mixing", cfg.objectives.mixing in ("all", "sample"), "must be all or sample"),
         ("objectives.cfg_dropout", 0.0 <= cfg.objectives.cfg_dropout <= 1.0, "must be in [0, 1]"),
         ("vqa.head", cfg.vqa.head in ("classifier", "generative"), "must be classifier or generative"),
+        ("classify.target", cfg.classify.target in ("label", "shape", "count"), "must be label, shape or count"),
+        ("classify.mode", cfg.classify.mode in ("finetune", "probe"), "must be finetune or probe"),
+        ("classify.pool", cfg.classify.pool in ("mean", "max"), "must be mean or max"),
+        ("classify.label_smoothing", 0.0 <= cfg.classify.label_smoothing < 1.0, "must be in [0, 1)"),
     ]
     for key, ok, what in checks:
         if not ok:

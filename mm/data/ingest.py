@@ -8,6 +8,15 @@ Three kinds of source (DESIGN.md §4):
 - a CSV or JSONL (or JSON list) file with image path and caption columns; relative paths are
   relative to the file.
 
+Labels for classification go into the sample json as ``{"label": "..."}``:
+- a folder with one sub-folder per class and no ``.txt`` captions (``cat/1.jpg``, ``dog/2.jpg``):
+  the label is the name of the image's folder (as HF ``imagefolder``; ``train/cat/1.jpg`` is
+  ``cat``); images directly in the root have none (``missing_label``);
+- a table or HF ``metadata.jsonl``/``.csv`` with a label column (``--label-column``, default
+  ``label``): then the caption is optional. Integers are accepted as class ids ("3").
+A bad label skips its sample, counted by reason: ``empty_label``, ``label_not_string`` (null,
+a list, a float, true/false), ``label_not_utf8``, ``unknown_label`` (not in ``--classes``).
+
 Every candidate sample is either written or skipped with one reason, counted in the summary
 (printed, and saved as ``DIR/ingest_summary.json``). Bad input never stops the run.
 
@@ -45,7 +54,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", 
                     ".dib", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico"}
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 SUMMARY = "ingest_summary.json"
-RESERVED_JSON = ("caption", "source", "width", "height", "sha256")
+RESERVED_JSON = ("caption", "source", "width", "height", "sha256", "label")
 
 # Skip reasons decided before the image is read (image reasons live in mm.data.images).
 MISSING_CAPTION = "missing_caption"
@@ -56,6 +65,11 @@ IMAGE_IS_URL = "image_is_url"
 UNREADABLE_FILE = "unreadable_file"
 BAD_ROW = "bad_metadata_row"
 DUPLICATE = "duplicate"
+MISSING_LABEL = "missing_label"
+EMPTY_LABEL = "empty_label"
+LABEL_NOT_STRING = "label_not_string"
+LABEL_NOT_UTF8 = "label_not_utf8"
+UNKNOWN_LABEL = "unknown_label"
 
 
 @dataclass
@@ -67,6 +81,8 @@ class Item:
     caption: object = None  # caption value from a table (str, list of str, number or None)
     caption_file: str | None = None  # sidecar .txt (folder sources)
     meta: dict = field(default_factory=dict)  # other table columns, copied into the json
+    labelled: bool = False  # the source gives this item a class label (then the caption is optional)
+    label: object = None  # its label value, checked by clean_label
     skip: str | None = None  # a reason already known while listing
 
 
@@ -76,11 +92,13 @@ class Options:
     quality: int = 95
     resize: int = 0
     max_pixels: int = 89_478_485
+    classes: tuple[str, ...] = ()  # fixed class list: other labels are skipped (unknown_label)
 
 
 # ----------------------------------------------------------------------------- listing sources
 
-def list_source(src: Path, image_column: str, caption_column: str, exclude: Path | None = None):
+def list_source(src: Path, image_column: str, caption_column: str, exclude: Path | None = None,
+                label_column: str = "label"):
     """``(kind, items, ignored_files)`` for a source folder or table file."""
     if not src.exists():
         raise MMError(f"ingest source not found: {src}; give a folder of images or a CSV/JSONL file")
@@ -90,11 +108,13 @@ def list_source(src: Path, image_column: str, caption_column: str, exclude: Path
             raise MMError(f"unknown source format {src.suffix or src.name!r}; "
                           "use a folder, a .csv, a .jsonl or a .json file")
         rows = list(_read_table(src))
-        return kind, _items_from_table(rows, src, image_column, caption_column, strict=True), 0
+        return kind, _items_from_table(rows, src, image_column, caption_column, strict=True,
+                                       label_column=label_column), 0
     files = _walk(src, exclude)
     metadata = [f for f in files if f.name in METADATA_NAMES]
     if metadata:
-        return "imagefolder", _items_from_imagefolder(src, files, metadata, image_column, caption_column), 0
+        return "imagefolder", _items_from_imagefolder(src, files, metadata, image_column, caption_column,
+                                                      label_column), 0
     return _items_from_sidecars(src, files)
 
 
@@ -115,6 +135,10 @@ def _items_from_sidecars(src: Path, files: list[Path]):
         raise MMError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS)[:5])}, ...) and no metadata.jsonl/"
                       f"metadata.csv in {src}; point ingest at a folder of images with .txt captions")
     captions = {f for f in files if f.suffix == ".txt"}
+    if not captions and any(f.parent != src for f in images):  # one sub-folder per class
+        items = [Item(image=str(f), source=str(f.relative_to(src)), labelled=True,
+                      label=f.parent.name if f.parent != src else None) for f in images]
+        return "class_folders", items, len(files) - len(images)
     items = []
     for f in images:
         txt = f.with_suffix(".txt")
@@ -125,7 +149,7 @@ def _items_from_sidecars(src: Path, files: list[Path]):
     return "folder", items, ignored
 
 
-def _items_from_imagefolder(src, files, metadata, image_column, caption_column) -> list[Item]:
+def _items_from_imagefolder(src, files, metadata, image_column, caption_column, label_column) -> list[Item]:
     by_dir: dict[Path, list[Path]] = {}
     for m in metadata:
         by_dir.setdefault(m.parent, []).append(m)
@@ -134,7 +158,8 @@ def _items_from_imagefolder(src, files, metadata, image_column, caption_column) 
         if len(ms) > 1:
             raise MMError(f"both metadata.jsonl and metadata.csv in {folder}; keep only one")
         rows = [_hf_columns(row, image_column, caption_column) for row in _read_table(ms[0])]
-        for item in _items_from_table(rows, ms[0], "__image__", "__caption__", strict=False):
+        for item in _items_from_table(rows, ms[0], "__image__", "__caption__", strict=False,
+                                      label_column=label_column):
             if item.image and not item.skip:
                 item.image = os.path.normpath(item.image)
                 if Path(item.image).is_relative_to(root):  # "train/cat.png" from the folder root
@@ -199,11 +224,13 @@ def _read_table(path: Path):
 
 
 def _items_from_table(rows: list, table: Path, image_column: str, caption_column: str,
-                      strict: bool) -> list[Item]:
+                      strict: bool, label_column: str = "label") -> list[Item]:
     dicts = [r for r in rows if isinstance(r, dict)]
     if strict and dicts:
         columns = sorted({k for r in dicts for k in r if k is not None})
-        for name, flag in ((image_column, "--image-column"), (caption_column, "--caption-column")):
+        labelled = any(label_column in r for r in dicts)  # a label table needs no captions
+        required = [(image_column, "--image-column")] + ([] if labelled else [(caption_column, "--caption-column")])
+        for name, flag in required:
             if not any(name in r for r in dicts):
                 raise MMError(f"column {name!r} not in {table.name} (columns: {', '.join(columns)}); "
                               f"pass {flag} NAME")
@@ -216,7 +243,7 @@ def _items_from_table(rows: list, table: Path, image_column: str, caption_column
             continue
         path = row.get(image_column)
         meta = {k: v for k, v in row.items()
-                if k not in (image_column, caption_column, None) and k not in RESERVED_JSON}
+                if k not in (image_column, caption_column, label_column, None) and k not in RESERVED_JSON}
         if not isinstance(path, str) or not path.strip():
             items.append(Item(image="", source=where, skip=BAD_ROW))
             continue
@@ -226,7 +253,8 @@ def _items_from_table(rows: list, table: Path, image_column: str, caption_column
             continue
         full = Path(path).expanduser()
         full = full if full.is_absolute() else base / full
-        items.append(Item(image=str(full), source=path, caption=row.get(caption_column), meta=meta))
+        items.append(Item(image=str(full), source=path, caption=row.get(caption_column), meta=meta,
+                          labelled=label_column in row, label=row.get(label_column)))
     return items
 
 
@@ -255,6 +283,35 @@ def clean_caption(value) -> str:
     return text
 
 
+def clean_label(value, classes: tuple[str, ...] = ()) -> str:
+    """A class label from a folder name or a table value, or :class:`ImageSkip`."""
+    if value is None:
+        raise ImageSkip(MISSING_LABEL)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ImageSkip(LABEL_NOT_STRING, repr(value)[:40])
+    text = " ".join(str(value).split())
+    try:
+        text.encode("utf-8")  # lone surrogates = invalid bytes kept by surrogateescape
+    except UnicodeEncodeError:
+        raise ImageSkip(LABEL_NOT_UTF8) from None
+    if not text:
+        raise ImageSkip(EMPTY_LABEL)
+    if classes and text not in classes:
+        raise ImageSkip(UNKNOWN_LABEL, text)
+    return text
+
+
+def _caption(item: Item) -> str:
+    """The cleaned caption; for a labelled item a missing or empty one is allowed ("")."""
+    raw = _read(item.caption_file) if item.caption_file else item.caption
+    try:
+        return clean_caption(raw)
+    except ImageSkip as e:
+        if item.labelled and e.reason in (MISSING_CAPTION, EMPTY_CAPTION):
+            return ""
+        raise
+
+
 def process_item(item: Item, opts: Options) -> tuple:
     """``("ok", image_bytes, caption, json_meta, digest)`` or ``("skip", reason, detail)``.
 
@@ -263,8 +320,8 @@ def process_item(item: Item, opts: Options) -> tuple:
     try:
         if item.skip:
             raise ImageSkip(item.skip)
-        raw = _read(item.caption_file) if item.caption_file else item.caption
-        caption = clean_caption(raw)
+        label = clean_label(item.label, opts.classes) if item.labelled else None
+        caption = _caption(item)
         im, (width, height) = load_rgb(_read(item.image), opts.max_pixels, opts.resize)
         digest = hashlib.sha256(f"{im.size}".encode() + im.tobytes()).hexdigest()
         data = encode_image(im, opts.fmt, opts.quality)
@@ -272,6 +329,10 @@ def process_item(item: Item, opts: Options) -> tuple:
         return ("skip", e.reason, e.detail)
     meta = {"caption": caption, "source": item.source, "width": width, "height": height,
             "sha256": digest, **item.meta}
+    if label is not None:
+        meta["label"] = label
+    if not caption:  # a labelled image without a caption: no caption key, no .txt
+        del meta["caption"]
     return ("ok", data, caption, meta, digest)
 
 
@@ -304,16 +365,19 @@ def _results(items: list[Item], opts: Options, workers: int):
 
 def ingest(src: str | Path, out: str | Path, *, image_column: str = "image", caption_column: str = "caption",
            resize: int = 0, fmt: str = "png", quality: int = 95, samples_per_shard: int = 1000,
-           workers: int = 1, dedup: bool = False, max_pixels: int = 89_478_485) -> dict:
+           workers: int = 1, dedup: bool = False, max_pixels: int = 89_478_485,
+           label_column: str = "label", classes: list[str] | tuple[str, ...] = ()) -> dict:
     """Write shards of ``src`` into ``out``; returns the summary (also saved as JSON)."""
     from mm.data.shards import ShardWriter  # imports webdataset: only when writing
 
     src, out = Path(src).expanduser(), Path(out).expanduser()
     _check_options(out, resize, quality, samples_per_shard, workers, max_pixels)
-    kind, items, ignored = list_source(src, image_column, caption_column, exclude=out.resolve())
-    opts = Options(fmt=fmt, quality=quality, resize=resize, max_pixels=max_pixels)
+    kind, items, ignored = list_source(src, image_column, caption_column, exclude=out.resolve(),
+                                       label_column=label_column)
+    opts = Options(fmt=fmt, quality=quality, resize=resize, max_pixels=max_pixels,
+                   classes=tuple(dict.fromkeys(c.strip() for c in classes if c.strip())))
 
-    skipped, examples, seen = Counter(), {}, set()
+    skipped, examples, seen, labels = Counter(), {}, set(), Counter()
     written = 0
     with ShardWriter(out, prefix="shards", samples_per_shard=samples_per_shard) as writer:
         for item, result in zip(items, _results(items, opts, workers)):
@@ -329,12 +393,19 @@ def ingest(src: str | Path, out: str | Path, *, image_column: str = "image", cap
                     examples[result[1]].append(item.source)
                 continue
             _, data, caption, meta, _ = result
-            writer.write({"__key__": f"{written:09d}", fmt: data, "txt": caption, "json": meta})
+            sample = {"__key__": f"{written:09d}", fmt: data, "json": meta}
+            if caption:
+                sample["txt"] = caption
+            if "label" in meta:
+                labels[meta["label"]] += 1
+            writer.write(sample)
             written += 1
     summary = {"source": str(src), "kind": kind, "out": str(out), "ingested": written,
                "skipped_total": sum(skipped.values()), "skipped": dict(sorted(skipped.items())),
                "skipped_examples": dict(sorted(examples.items())), "ignored_files": ignored,
                "shards": len(writer.sizes), "format": fmt, "resize": resize, "dedup": dedup}
+    if labels:
+        summary["labels"] = dict(sorted(labels.items()))
     (out / SUMMARY).write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -360,6 +431,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"  {reason:<22} {n:>8}   e.g. {', '.join(s['skipped_examples'][reason][:2])}")
     if s["ignored_files"]:
         lines.append(f"ignored {s['ignored_files']} files that are neither images nor .txt captions")
+    if s.get("labels"):
+        shown = ", ".join(f"{k} {v}" for k, v in list(s["labels"].items())[:10])
+        lines.append(f"labels: {len(s['labels'])} classes ({shown}{', ...' if len(s['labels']) > 10 else ''})")
     return "\n".join(lines)
 
 
@@ -367,7 +441,8 @@ def cli_ingest(args: argparse.Namespace) -> int:
     summary = ingest(args.src, args.out, image_column=args.image_column, caption_column=args.caption_column,
                      resize=args.resize, fmt=args.format, quality=args.quality,
                      samples_per_shard=args.samples_per_shard, workers=args.workers,
-                     dedup=args.dedup, max_pixels=args.max_pixels)
+                     dedup=args.dedup, max_pixels=args.max_pixels,
+                     label_column=args.label_column, classes=[c for c in args.classes.split(",") if c.strip()])
     print(format_summary(summary))
     if summary["ingested"] == 0:
         raise MMError(f"no samples ingested from {args.src} (see the reasons above and "

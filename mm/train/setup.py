@@ -19,6 +19,7 @@ TASKS = {
     "vq": "mm.tasks.vq:VQTask",
     "pretrain": "mm.tasks.pretrain:PretrainTask",
     "vqa": "mm.tasks.vqa:VQATask",
+    "classify": "mm.tasks.classify:ClassifyTask",
 }
 
 # Keys that may change between the first start of a run and a resume of it.
@@ -111,9 +112,13 @@ def resolve_sources(cfg: Config, accelerator) -> Config:
     return cfg
 
 
+def task_class(stage: str):
+    module_name, cls_name = TASKS[stage].split(":")
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
 def make_task(cfg: Config):
-    module_name, cls_name = TASKS[cfg.run.stage].split(":")
-    return getattr(importlib.import_module(module_name), cls_name)(cfg)
+    return task_class(cfg.run.stage)(cfg)
 
 
 def make_loader(cfg: Config, task, accelerator, *, train: bool, start_batch: int = 0):
@@ -204,8 +209,8 @@ def ensure_init(cfg: Config, run_dir: Path) -> Config:
 
 def ensure_tokenizer(cfg: Config, run_dir: Path, accelerator) -> Config:
     """Stages with text need a tokenizer folder: given, the HF encoder's, the init model's, or trained."""
-    if cfg.run.stage == "vq" or cfg.data.tokenizer:
-        return cfg
+    if cfg.run.stage == "vq" or cfg.data.tokenizer or not getattr(task_class(cfg.run.stage), "uses_text", True):
+        return cfg  # image-only tasks (uses_text = False) read no text
     cfg = copy.deepcopy(cfg)
     if cfg.model.text_encoder != "builtin":
         cfg.data.tokenizer = cfg.model.text_encoder  # a Hugging Face encoder brings its tokenizer
