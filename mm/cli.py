@@ -44,6 +44,7 @@ def _add_data(sub) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--dedup", action="store_true", help="drop images whose content hash was already seen")
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="larger images are skipped as bombs")
+    p.add_argument("--images", default="", help="COCO instances json: the image folder (default: beside the json)")
     p.set_defaults(func="mm.data.ingest:cli_ingest")
 
     p = dsub.add_parser("inspect", help="count samples and shards, caption statistics, skipped files")
@@ -157,6 +158,13 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--image", nargs="+", required=True)
     p.add_argument("--top-k", type=int, default=5, help="classes printed per image")
     p.set_defaults(func="mm.tasks.classify:cli_classify")
+
+    p = sub.add_parser("detect", help="detect objects in images with a trained detector; draws labelled boxes")
+    p.add_argument("--model", required=True, help="exported detector folder or detect run folder")
+    p.add_argument("--image", nargs="+", required=True)
+    p.add_argument("--out", required=True, help="PNG with the boxes drawn")
+    p.add_argument("--min-score", type=float, default=0.5, help="boxes with a lower class probability are left out")
+    p.set_defaults(func="mm.tasks.detect:cli_detect")
 
     p = sub.add_parser("export", help="export a run's newest checkpoint as a Hugging Face-style folder")
     p.add_argument("run_dir")

@@ -160,6 +160,24 @@ class ClassifyConfig:
 
 
 @dataclass
+class DetectConfig:
+    # DETR detection (mm.tasks.detect); the weights w_* serve both the matching cost and the loss.
+    label: str = "shape"  # shape | shape_color (shapes objects) | category (COCO ingest; categories.json)
+    classes: list[str] = field(default_factory=list)  # fixed class list; empty = from label / categories.json
+    num_queries: int = 16
+    depth: int = 3  # decoder layers
+    anchor_size: float = 0.2  # initial anchor box side, fraction of the image
+    class_weight: float = 2.0
+    l1_weight: float = 5.0
+    giou_weight: float = 2.0
+    no_object_weight: float = 0.1  # CE weight of the no-object class (DETR's eos_coef)
+    aux_loss: bool = True  # loss on every decoder layer's output, not only the last
+    dn_groups: int = 4  # DN-DETR denoising groups (noised copies of the targets as extra queries); 0 = off
+    dn_box_noise: float = 0.4  # centre shift up to this x half the size, size scaled by 1 +- this
+    dn_label_noise: float = 0.2  # probability that a denoising query starts from a wrong label
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -170,9 +188,10 @@ class Config:
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     vqa: VQAConfig = field(default_factory=VQAConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
 
 
-STAGES = ("vq", "pretrain", "vqa", "classify")
+STAGES = ("vq", "pretrain", "vqa", "classify", "detect")
 
 # ---------------------------------------------------------------------------------------------
 # Loading and checking
@@ -350,6 +369,7 @@ MINIMUMS = {
     "data.vocab_size": 1, "data.shuffle_buffer": 1, "data.shapes_train": 1, "data.shapes_val": 0,
     "data.val_samples": 0, "train.warmup_steps": 0, "train.eval_every": 0, "train.max_nonfinite": 1,
     "train.stop_at_step": 0, "log.every": 1, "log.image_every": 0, "vqa.answer_vocab_size": 1,
+    "detect.num_queries": 1, "detect.depth": 1, "detect.dn_groups": 0,
 }
 
 
@@ -381,6 +401,12 @@ def validate(cfg: Config) -> Config:
         ("classify.mode", cfg.classify.mode in ("finetune", "probe"), "must be finetune or probe"),
         ("classify.pool", cfg.classify.pool in ("mean", "max"), "must be mean or max"),
         ("classify.label_smoothing", 0.0 <= cfg.classify.label_smoothing < 1.0, "must be in [0, 1)"),
+        ("detect.label", cfg.detect.label in ("shape", "shape_color", "category"),
+         "must be shape, shape_color or category"),
+        ("detect.no_object_weight", cfg.detect.no_object_weight > 0, "must be > 0"),
+        ("detect.anchor_size", 0.0 < cfg.detect.anchor_size < 1.0, "must be in (0, 1)"),
+        ("detect.dn_label_noise", 0.0 <= cfg.detect.dn_label_noise <= 1.0, "must be in [0, 1]"),
+        ("detect.dn_box_noise", 0.0 <= cfg.detect.dn_box_noise < 1.0, "must be in [0, 1)"),
     ]
     for key, ok, what in checks:
         if not ok:

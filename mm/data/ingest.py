@@ -7,6 +7,8 @@ Three kinds of source (DESIGN.md §4):
   the metadata file, as in HF ``datasets``);
 - a CSV or JSONL (or JSON list) file with image path and caption columns; relative paths are
   relative to the file.
+- a COCO instances json (detection): images + boxes, see mm.data.coco (``--images DIR`` names
+  the image folder); boxes go into the sample json, bad boxes are skipped and counted.
 
 Labels for classification go into the sample json as ``{"label": "..."}``:
 - a folder with one sub-folder per class and no ``.txt`` captions (``cat/1.jpg``, ``dog/2.jpg``):
@@ -46,6 +48,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mm.data.coco import box_meta, box_summary, coco_source, format_box_summary, is_coco_file, write_categories
 from mm.data.images import ImageSkip, encode_image, load_rgb
 from mm.errors import MMError
 
@@ -83,6 +86,7 @@ class Item:
     meta: dict = field(default_factory=dict)  # other table columns, copied into the json
     labelled: bool = False  # the source gives this item a class label (then the caption is optional)
     label: object = None  # its label value, checked by clean_label
+    boxes: list | None = None  # COCO source: objects [{bbox xyxy, category, category_id}] (mm.data.coco)
     skip: str | None = None  # a reason already known while listing
 
 
@@ -333,6 +337,8 @@ def process_item(item: Item, opts: Options) -> tuple:
         meta["label"] = label
     if not caption:  # a labelled image without a caption: no caption key, no .txt
         del meta["caption"]
+    if item.boxes is not None:  # in pixels of the written image (after --resize)
+        meta.update(box_meta(item.boxes, (width, height), opts.resize))
     return ("ok", data, caption, meta, digest)
 
 
@@ -365,20 +371,25 @@ def _results(items: list[Item], opts: Options, workers: int):
 
 def ingest(src: str | Path, out: str | Path, *, image_column: str = "image", caption_column: str = "caption",
            resize: int = 0, fmt: str = "png", quality: int = 95, samples_per_shard: int = 1000,
-           workers: int = 1, dedup: bool = False, max_pixels: int = 89_478_485,
+           workers: int = 1, dedup: bool = False, max_pixels: int = 89_478_485, images: str | Path = "",
            label_column: str = "label", classes: list[str] | tuple[str, ...] = ()) -> dict:
     """Write shards of ``src`` into ``out``; returns the summary (also saved as JSON)."""
     from mm.data.shards import ShardWriter  # imports webdataset: only when writing
 
     src, out = Path(src).expanduser(), Path(out).expanduser()
     _check_options(out, resize, quality, samples_per_shard, workers, max_pixels)
-    kind, items, ignored = list_source(src, image_column, caption_column, exclude=out.resolve(),
-                                       label_column=label_column)
+    coco = None
+    if is_coco_file(src):  # COCO instances json: boxes into the sample json (mm.data.coco)
+        rows, coco = coco_source(src, Path(images).expanduser() if images else None)
+        kind, items, ignored = "coco", [Item(**row) for row in rows], 0
+    else:
+        kind, items, ignored = list_source(src, image_column, caption_column, exclude=out.resolve(),
+                                           label_column=label_column)
     opts = Options(fmt=fmt, quality=quality, resize=resize, max_pixels=max_pixels,
                    classes=tuple(dict.fromkeys(c.strip() for c in classes if c.strip())))
 
     skipped, examples, seen, labels = Counter(), {}, set(), Counter()
-    written = 0
+    written, boxes_dropped = 0, 0
     with ShardWriter(out, prefix="shards", samples_per_shard=samples_per_shard) as writer:
         for item, result in zip(items, _results(items, opts, workers)):
             if result[0] == "ok" and dedup:
@@ -393,6 +404,7 @@ def ingest(src: str | Path, out: str | Path, *, image_column: str = "image", cap
                     examples[result[1]].append(item.source)
                 continue
             _, data, caption, meta, _ = result
+            boxes_dropped += meta.get("boxes_dropped", 0)
             sample = {"__key__": f"{written:09d}", fmt: data, "json": meta}
             if caption:
                 sample["txt"] = caption
@@ -406,6 +418,9 @@ def ingest(src: str | Path, out: str | Path, *, image_column: str = "image", cap
                "shards": len(writer.sizes), "format": fmt, "resize": resize, "dedup": dedup}
     if labels:
         summary["labels"] = dict(sorted(labels.items()))
+    if coco is not None:
+        summary.update(box_summary(coco, boxes_dropped))
+        write_categories(out, coco["categories"])
     (out / SUMMARY).write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -434,6 +449,7 @@ def format_summary(s: dict) -> str:
     if s.get("labels"):
         shown = ", ".join(f"{k} {v}" for k, v in list(s["labels"].items())[:10])
         lines.append(f"labels: {len(s['labels'])} classes ({shown}{', ...' if len(s['labels']) > 10 else ''})")
+    lines += format_box_summary(s)
     return "\n".join(lines)
 
 
@@ -441,7 +457,7 @@ def cli_ingest(args: argparse.Namespace) -> int:
     summary = ingest(args.src, args.out, image_column=args.image_column, caption_column=args.caption_column,
                      resize=args.resize, fmt=args.format, quality=args.quality,
                      samples_per_shard=args.samples_per_shard, workers=args.workers,
-                     dedup=args.dedup, max_pixels=args.max_pixels,
+                     dedup=args.dedup, max_pixels=args.max_pixels, images=getattr(args, "images", ""),
                      label_column=args.label_column, classes=[c for c in args.classes.split(",") if c.strip()])
     print(format_summary(summary))
     if summary["ingested"] == 0:

@@ -20,6 +20,7 @@ TASKS = {
     "pretrain": "mm.tasks.pretrain:PretrainTask",
     "vqa": "mm.tasks.vqa:VQATask",
     "classify": "mm.tasks.classify:ClassifyTask",
+    "detect": "mm.tasks.detect:DetectTask",
 }
 
 # Keys that may change between the first start of a run and a resume of it.
