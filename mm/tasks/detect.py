@@ -16,8 +16,10 @@ earlier one, each matched on its own predictions:
     loss  = w_c·CE(all queries; unmatched → no-object, weighted detect.no_object_weight)
           + w_l1·L1(matched boxes) + w_g·(1 - GIoU(matched boxes)), box terms / #targets in the batch
 
-The slow-convergence fix is in the model (mm.models.detr: learned anchor boxes + iterative
-refinement, DAB-DETR/Deformable DETR). Validation: COCO mAP@[.5:.95], mAP@.5 and per-class AP
+Against DETR's slow convergence: learned anchor boxes with iterative refinement in the model
+(mm.models.detr, DAB-DETR/Deformable DETR) and DN-DETR denoising (``detect.dn_groups`` noised
+copies of the targets as extra queries, each trained to restore its target with the same CE +
+L1 + GIoU, no matching needed). Validation: COCO mAP@[.5:.95], mAP@.5 and per-class AP
 (mm.eval.detection, which matches pycocotools exactly) in pixels of the model input.
 """
 

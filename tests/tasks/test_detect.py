@@ -116,6 +116,11 @@ def test_train_export_and_mm_detect_on_a_tiny_model(tmp_path, shapes_shards, cap
     task.model.load_state_dict(detector.state_dict())
     assert torch.equal(task.model.eval()(x)[-1][1], detector(x)[-1][1])
 
+    # `mm export` of the run's checkpoint gives the same detector as the trainer's export.
+    assert main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
+    exported = Detector.from_pretrained(tmp_path / "exported")
+    assert torch.equal(exported(x)[-1][1], detector(x)[-1][1])
+
 
 def test_mm_detect_errors_are_one_line(tmp_path, capsys):
     assert main(["detect", "--model", str(tmp_path), "--image", str(tmp_path / "x.png"), "--out", "o.png"]) == 2
