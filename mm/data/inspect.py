@@ -57,6 +57,8 @@ def check_sample(sample: dict) -> tuple[str | None, str | None, object]:
             problem = problem or "caption_not_utf8"
     if not caption and isinstance(meta, dict) and isinstance(meta.get("caption"), str):
         caption = " ".join(meta["caption"].split())
+    if not caption and isinstance(meta, dict) and isinstance(meta.get("label"), str) and meta["label"]:
+        caption = f"[{meta['label']}]"  # a labelled image without a caption (classification data)
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     image = None
     if key is None:

@@ -45,6 +45,10 @@ def test_class_folders_label_is_the_folder_name(tmp_path):
     assert labels_by_source(tmp_path / "out") == {"cat/1.png": "cat", "cat/2.png": "cat", "dog/a.png": "dog",
                                                   "train/bird/x.png": "bird"}
     assert all("txt" not in s for s in read_shards(tmp_path / "out"))  # no caption invented
+    from mm.data.inspect import inspect_shards
+
+    report = inspect_shards(str(tmp_path / "out"))  # labelled images without captions are good samples
+    assert report["good_samples"] == 4 and report["problems"] == {} and "[cat]" in report["examples"]
 
     summary = ingest(src, tmp_path / "fixed", classes=["cat", "bird"])
     assert summary["ingested"] == 3 and summary["skipped"] == {"missing_label": 1, "unknown_label": 1}
