@@ -15,7 +15,14 @@ the quality. Measured, in one run:
    reported separately).
 2. the cost of classifier-free guidance: mm's time with guidance 3 (2B rows in one batch)
    divided by its time without, in the headline setting.
-3. per-token time late vs early: a 32×32 grid (1024 codes), median step time over 16 steps
+3. tokens/s at batch 1, 4, 16, 64 (``--batches``) for mm plain decoding with fp32, bf16 and int8
+   weight-only decode weights, mm SJD (window ``--sjd-window``) in fp32 and int8, and HF
+   ``generate`` in fp32 and bf16, all eager, no guidance, one table measured in one run; and the
+   time to the first image at batch 1 (text encoding + all codes; the VQ decoder is timed in
+   scripts/bench/vq.py). On random weights the next-code distribution is nearly flat, so SJD's
+   acceptance here says nothing about a trained model; the table gives its forwards per image so
+   the ratio can be read with that in mind (trained-model figures: BENCHMARKS.md, "Decoding").
+4. per-token time late vs early: a 32×32 grid (1024 codes), median step time over 16 steps
    ending at code 1024 divided by the one around code 64, windows interleaved over 5 rounds so
    load drift on a shared machine cancels (a cache that re-reads a growing prefix grows here),
    in the headline setting.
@@ -23,6 +30,7 @@ the quality. Measured, in one run:
     /work/venv/bin/python scripts/bench/sample.py --json bench_sample.json          # full
     /work/venv/bin/python scripts/bench/sample.py --quick                           # smoke run (eager only)
     /work/venv/bin/python scripts/bench/sample.py --settings eager,bf16             # no compilation
+    /work/venv/bin/python scripts/bench/sample.py --only-batches --batches 1,4,16,64 # just the batch table
 
 Goals (issues 6 and 9): ≥ 3× the HF tokens/s, CFG ≤ 1.4×, late/early ≤ 1.3.
 """
@@ -39,6 +47,8 @@ import time
 import torch
 
 from mm.generation.sampler import SamplingParams, decode_step_fn, sample_codes, seeds_tensor
+from mm.generation.sjd import sample_codes_sjd
+from mm.generation.weights import decode_weights
 from mm.models.model import MMConfig, MMModel
 
 
@@ -77,7 +87,7 @@ def sync(device) -> None:
 
 
 def time_mm(model, batch: int, prompt_len: int, params: SamplingParams, device, compile=False,
-            step_times: list | None = None) -> float:
+            step_times: list | None = None, sjd_window: int = 0, stats: dict | None = None) -> float:
     """Seconds for one call: text encoding + prefill + all codes (+ per-step timestamps)."""
     ids = torch.randint(5, model.config.vocab_size, (batch, prompt_len), device=device)
     mask = torch.ones(batch, prompt_len, dtype=torch.bool, device=device)
@@ -92,7 +102,10 @@ def time_mm(model, batch: int, prompt_len: int, params: SamplingParams, device, 
     t0 = time.perf_counter()
     with torch.no_grad():
         text = model.encode_text(ids, mask)
-        sample_codes(model, text, seeds, params, compile=compile, progress=tick if step_times is not None else None)
+        if sjd_window:
+            sample_codes_sjd(model, text, seeds, params, window=sjd_window, stats=stats)
+        else:
+            sample_codes(model, text, seeds, params, compile=compile, progress=tick if step_times is not None else None)
     sync(device)
     return time.perf_counter() - t0
 
@@ -141,12 +154,58 @@ def per_token_times(model, batch: int, prompt_len: int, params: SamplingParams, 
     return {p: statistics.median(v) for p, v in out.items()}
 
 
-def best_of(fn, repeats: int, warmup: list | None = None) -> float:
+def best_of(fn, repeats: int, warmup: list | None = None, warm: bool = True) -> float:
     t0 = time.perf_counter()
-    fn()  # warm-up (allocations, lazy init, compilation)
+    if warm:
+        fn()  # warm-up (allocations, lazy init, compilation)
     if warmup is not None:
         warmup.append(time.perf_counter() - t0)
     return min(fn() for _ in range(repeats))
+
+
+# name -> (decode weights, SJD or plain): the batch table's mm rows
+BATCH_ROWS = {"plain fp32": ("fp32", False), "plain bf16": ("bf16", False), "plain int8": ("int8", False),
+              "sjd fp32": ("fp32", True), "sjd int8": ("int8", True)}
+
+
+def batch_table(mm, hf, batches: list[int], prompt_len: int, new_tokens: int, top_k: int, device,
+                window: int, repeats: int, sjd_max_batch: int = 16, names: list[str] | None = None) -> dict:
+    """tokens/s per batch size for mm's decode options and HF (fp32, bf16), eager, no guidance.
+
+    For each batch size, ``repeats`` rounds each time every row once in turn (one warm-up call per
+    row first), and the median per row: load changes on a shared machine then hit all rows of a
+    column alike, and the ratios within a column are the figures to read. SJD runs up to
+    ``sjd_max_batch`` only: it multiplies the work per forward by the window, which a CPU pays in
+    full once the forward is compute-bound. Returns {row: {batch: figures}}.
+    """
+    params = SamplingParams(guidance_scale=1.0, top_k=top_k)
+    names = names or [*BATCH_ROWS, "hf fp32", "hf bf16"]
+    models = {n: decode_weights(mm, BATCH_ROWS[n][0]) for n in names if n in BATCH_ROWS}
+    hfs = {n: as_dtype(hf, torch.float32 if n == "hf fp32" else torch.bfloat16) for n in names if n.startswith("hf")}
+    rows: dict = {n: {} for n in names}
+    for b in batches:
+        todo = [n for n in names if not (n in BATCH_ROWS and BATCH_ROWS[n][1] and b > sjd_max_batch)]
+        times: dict = {n: [] for n in todo}
+        forwards: dict = {}
+        for r in range(repeats + (b == batches[0])):  # the first round of the first batch warms up
+            for n in todo:
+                sjd = n in BATCH_ROWS and BATCH_ROWS[n][1]
+                stats: dict = {}
+                if n in models:
+                    t = time_mm(models[n], b, prompt_len, params, device, sjd_window=window if sjd else 0, stats=stats)
+                else:
+                    t = time_hf(hfs[n], b, prompt_len, new_tokens, top_k, device)
+                if r or b != batches[0]:
+                    times[n].append(t)
+                if sjd:
+                    forwards[n] = stats["forwards"]
+        for n in todo:
+            t = statistics.median(times[n])
+            rows[n][b] = {"seconds": t, "tokens_per_s": b * new_tokens / t, "all_seconds": times[n],
+                          **({"forwards": forwards[n]} if n in forwards else {})}
+            print(f"  {n:11s} batch {b:3d}: {b * new_tokens / t:7.0f} tok/s (median {t:.2f} s of {len(times[n])}"
+                  + (f", {forwards[n]} forwards)" if n in forwards else ")"), flush=True)
+    return rows
 
 
 # name -> (weight dtype, compile): what a user can pick (model.to(torch.bfloat16); sample_codes(compile=True))
@@ -172,7 +231,34 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="same as --settings compile")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--batches", default="1,4,16,64", help="batch sizes of the batch table ('' = no table)")
+    ap.add_argument("--sjd-window", type=int, default=16)
+    ap.add_argument("--table-grid", type=int, default=8, help="code grid side of the batch table")
+    ap.add_argument("--table-rows", default="", help="rows of the batch table, comma-separated (default: all)")
+    ap.add_argument("--only-batches", action="store_true", help="measure only the batch table")
+    ap.add_argument("--roofline", action="store_true", help="measure only the roofline table (at --batches)")
+    ap.add_argument("--model", default="", help="a trained model folder: measure decode quality and SJD "
+                                                "latency on it instead (compositional score, FID, forwards)")
+    ap.add_argument("--num-prompts", type=int, default=64, help="--model: images per decode option")
+    ap.add_argument("--windows", default="4,8,16", help="--model: SJD windows of the batch-1 latency table ('' = none)")
+    ap.add_argument("--rows", default="", help=f"--model: decode options to score, of {', '.join(QUALITY_ROWS)}")
+    ap.add_argument("--seeds", default="0", help="--model: first seeds of the image sets to score, comma-separated")
     args = ap.parse_args()
+    if args.model:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        res = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+               "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+        if args.windows:
+            print("batch-1 latency, plain vs SJD (guidance 3):", flush=True)
+            res.update(sjd_latency(args.model, [int(w) for w in args.windows.split(",")], 8, 3.0, 1))
+        for seed in [int(x) for x in args.seeds.split(",")]:  # another seed set = the sampling-noise reference
+            print(f"quality per decode option ({args.num_prompts} prompts, guidance 3, seed {seed}):", flush=True)
+            q = quality_table(args.model, args.num_prompts, 3.0, args.sjd_window, seed,
+                              args.rows.split(",") if args.rows else None)
+            res.setdefault("quality_runs", []).append(q)
+        res["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        return report(res, args.json)
     if args.compile:
         args.settings = "compile"
     args.settings = args.settings or ("eager" if args.quick else "eager,compile,bf16+compile")
@@ -191,6 +277,16 @@ def main() -> None:
 
     mm = build_mm(d, grid, prompt_len, device)
     hf = build_hf(d, device)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    if args.roofline:
+        print("roofline (eager decode step, no guidance):", flush=True)
+        return report({**header(args, d, device), **roofline(mm, batches, prompt_len, top_k, device)}, args.json)
+    if args.only_batches:
+        return report({**header(args, d, device), "new_tokens": new_tokens, "prompt_tokens": prompt_len,
+                       "top_k": top_k, **batch_figures(mm, hf, batches, prompt_len, new_tokens, top_k, device,
+                                                       args.sjd_window, repeats, args.table_grid,
+                                                       args.table_rows.split(",") if args.table_rows else None)},
+                      args.json)
     plain = SamplingParams(guidance_scale=1.0, top_k=top_k)
     guided = SamplingParams(guidance_scale=3.0, top_k=top_k)
     settings = {}
@@ -229,10 +325,7 @@ def main() -> None:
     b16 = best("bfloat16")
 
     res = {
-        "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "quick": args.quick,
-        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "dims": {**d, "mlp_hidden": mlp_hidden(d["width"])},
+        **header(args, d, device),
         "batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "top_k": top_k,
         "mm_setting": head, "compile": head_compile, "settings": settings,
         "mm_tokens_per_s": batch * new_tokens / t_mm,
@@ -247,9 +340,155 @@ def main() -> None:
         "early_position": early_at, "late_position": late_at,
         "late_over_early": late / early,
     }
+    if batches:
+        res.update(batch_figures(mm, hf, batches, prompt_len, new_tokens, top_k, device, args.sjd_window, repeats,
+                                 args.table_grid))
+    report(res, args.json)
+
+
+QUALITY_ROWS = {"plain fp32": ("fp32", "plain"), "sjd fp32": ("fp32", "sjd"), "plain bf16": ("bf16", "plain"),
+                "plain int8": ("int8", "plain"), "sjd int8": ("int8", "sjd")}
+
+
+def quality_table(model_dir: str, num_prompts: int, guidance: float, window: int, seed: int = 0,
+                  names: list[str] | None = None) -> dict:
+    """A trained model's T2I compositional score, FID, seconds and forwards per image for each decode
+    option, on the same prompts and seeds (mm.eval.t2i; FID features from the fp32 model for all)."""
+    from mm.eval.t2i import MMImageFeatures, evaluate_t2i
+    from mm.generation.pipeline import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(model_dir, device="cpu")
+    features = MMImageFeatures(pipe.base_model)
+    n_codes = pipe.model.config.code_grid[0] * pipe.model.config.code_grid[1]
+    out = {}
+    for name in names or QUALITY_ROWS:
+        weights, decode = QUALITY_ROWS[name]
+        pipe.configure(weights=weights, decode=decode, sjd_window=window)
+        pipe.history.clear()
+        t0 = time.perf_counter()
+        # Autocast only so that the eval's ITC score can feed fp32 images to a bf16/int8 model; the
+        # sampler turns it off, and every row's VQ decoding and FID features run the same way.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m = evaluate_t2i(pipe, num_prompts, guidance, seed, features=features)
+        images = sum(h["images"] for h in pipe.history)
+        forwards = [h.get("forwards", n_codes) for h in pipe.history]  # per batch (all its images at once)
+        out[name] = {"t2i_compositional_accuracy": m["t2i_compositional_accuracy"], "fid": m["fid"],
+                     "itc_score": m["itc_score"], "t2i_ceiling": m["t2i_ceiling"],
+                     "sampling_seconds": sum(h["seconds"] for h in pipe.history),
+                     "eval_seconds": time.perf_counter() - t0, "images": images,
+                     "forwards_per_batch": forwards, "batch_sizes": [h["images"] for h in pipe.history],
+                     "codes_per_image": n_codes}
+        print(f"  {name:11s} comp {100 * m['t2i_compositional_accuracy']:5.1f} % FID {m['fid']:8.3f} "
+              f"sampling {out[name]['sampling_seconds']:6.1f} s forwards/batch {forwards}", flush=True)
+    return {"model": model_dir, "num_prompts": num_prompts, "guidance": guidance, "sjd_window": window,
+            "seed": seed, "quality": out}
+
+
+def sjd_latency(model_dir: str, windows: list[int], prompts: int, guidance: float, repeats: int) -> dict:
+    """Batch-1 wall time and forwards per image, plain vs SJD per window, on a trained model (fp32)."""
+    from mm.eval.t2i import eval_prompts
+    from mm.generation.pipeline import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(model_dir, device="cpu").configure(max_batch=1)
+    texts = [s["prompt"] for s in eval_prompts(prompts)]
+    rows = {}
+    for name, window in [("plain", 0)] + [(f"sjd w{w}", w) for w in windows]:
+        secs, fwd = [], []
+        for r in range(repeats):
+            for i, text in enumerate(texts):
+                st: list = []
+                pipe.generate_codes([text], guidance_scale=guidance, seed=i, decode="sjd" if window else "plain",
+                                    sjd_window=window or None, stats=st)
+                secs.append(st[0]["seconds"])
+                fwd.append(st[0].get("forwards", pipe.model.config.code_grid[0] * pipe.model.config.code_grid[1]))
+        rows[name] = {"seconds_per_image": statistics.median(secs), "forwards_per_image": statistics.mean(fwd)}
+        print(f"  {name:8s} {rows[name]['seconds_per_image']:.3f} s/image, "
+              f"{rows[name]['forwards_per_image']:.1f} forwards/image", flush=True)
+    return {"latency_batch1": rows, "latency_prompts": prompts}
+
+
+def stream_bandwidth(mb: int = 256, rounds: int = 5) -> float:
+    """Bytes/s of x.sum() over an fp32 tensor of ``mb`` MB, best of the rounds (the read floor)."""
+    x = torch.ones(mb * 2**20 // 4)
+    x.sum()
+    best = min(timed(lambda: x.sum()) for _ in range(rounds))
+    return x.numel() * 4 / best
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def step_bytes(model, batch: int, prompt_len: int) -> dict:
+    """Bytes one decode step reads: backbone (but cross K/V) + code-head weights, the static self-attention cache
+    (the whole (B, H, Tmax, d) buffer: SDPA masks unwritten slots, it does not skip them) and the
+    cross-attention keys/values, per layer, keys and values."""
+    from mm.generation.weights import weight_bytes
+
+    c = model.config
+    act = 2 if model.logit_scale.dtype == torch.bfloat16 else 4
+    n = c.code_grid[0] * c.code_grid[1]
+    cache = 2 * c.depth * batch * c.width * (n + prompt_len) * act
+    # Not read per step: the code embedding (one row), cross-attention K/V projections (run once per prompt).
+    unread = [*model.code_embed.parameters(), *[t for blk in model.backbone.blocks
+                                                  for t in [*blk.cross.kv.parameters(), *blk.cross.kv.buffers()]]]
+    weights = weight_bytes(model) - sum(t.numel() * t.element_size() for t in unread)
+    return {"weights": weights, "cache": cache, "total": weights + cache}
+
+
+def roofline(mm, batches: list[int], prompt_len: int, top_k: int, device) -> dict:
+    """Per decode step: bytes read, the floor at the measured stream bandwidth, measured time, ratio."""
+    bw = stream_bandwidth()
+    params = SamplingParams(guidance_scale=1.0, top_k=top_k)
+    rows = {}
+    for weights in ("fp32", "bf16", "int8"):
+        model = decode_weights(mm, weights)
+        for b in batches:
+            by = step_bytes(model, b, prompt_len)
+            t = per_token_times(model, b, prompt_len, params, device, (128,), rounds=2)[128]
+            rows[f"{weights} b{b}"] = {**by, "floor_s": by["total"] / bw, "measured_s": t,
+                                       "ratio": t / (by["total"] / bw)}
+            print(f"  {weights} batch {b:3d}: {by['total'] / 1e6:6.1f} MB, floor {1e3 * by['total'] / bw:5.2f} ms, "
+                  f"measured {1e3 * t:6.2f} ms, ratio {t * bw / by['total']:.1f}", flush=True)
+    return {"stream_bandwidth_gb_s": bw / 1e9, "roofline": rows}
+
+
+def header(args, d: dict, device) -> dict:
+    return {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(), "quick": args.quick,
+            "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "dims": {**d, "mlp_hidden": mlp_hidden(d["width"])}}
+
+
+def batch_figures(mm, hf, batches, prompt_len, new_tokens, top_k, device, window, repeats,
+                  table_grid: int, names: list[str] | None = None) -> dict:
+    """The batch table (on a ``table_grid``² code grid, same weights: a shared CPU cannot afford 256
+    codes at batch 64 for seven rows), its ratios to HF fp32 at each batch, and the time to the
+    first image at batch 1 on the full grid."""
+    small = build_mm(dims_of(mm), table_grid, prompt_len, device)
+    small.load_state_dict(mm.state_dict(), strict=False)  # same weights (positions differ in size)
+    n_small = table_grid * table_grid
+    print(f"batch table (eager, no guidance, {n_small} codes, SJD window {window}):", flush=True)
+    rows = batch_table(small, hf, batches, prompt_len, n_small, top_k, device, window, repeats, names=names)
+    ratios = {name: {b: row[b]["tokens_per_s"] / rows["hf fp32"][b]["tokens_per_s"] for b in row}
+              for name, row in rows.items()}
+    print(f"time to first image, batch 1, {new_tokens} codes:", flush=True)
+    first = batch_table(mm, hf, [1], prompt_len, new_tokens, top_k, device, window, repeats, names=names)
+    return {"batch_table": rows, "batch_table_codes": n_small, "batch_ratio_vs_hf_fp32": ratios,
+            "time_to_first_image": first, "load_avg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def dims_of(model) -> dict:
+    c = model.config
+    return {"width": c.width, "depth": c.depth, "heads": c.heads, "vocab": c.codebook_size}
+
+
+def report(res: dict, path: str) -> None:
     print(json.dumps(res, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump(res, f, indent=2)
 
 
