@@ -36,6 +36,9 @@ Speed (scripts/bench/sample.py). At small batch a decode step is bound by readin
 - Weights in bf16 (``model.to(torch.bfloat16)``) halve the bytes read per token; the sampler
   keeps logits in fp32 for the choice. Samples are not bit-identical to fp32 ones.
 - On a GPU the step is launch-bound: ``compile=True`` (or CUDA graphs) matters most there.
+- int8 weight-only decode weights (mm.generation.weights) quarter the weight bytes; speculative
+  Jacobi decoding (mm.generation.sjd) cuts the number of sequential forwards instead. Measured
+  trade-offs: BENCHMARKS.md, "Decoding".
 """
 
 from __future__ import annotations
