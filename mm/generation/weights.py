@@ -3,9 +3,9 @@
 A decode step at small batch reads every weight once per code, so fewer bytes per weight is
 fewer seconds per code (BENCHMARKS.md, "Decoding"):
 
-- ``bf16``: the whole model in bfloat16 (half the bytes); logits are chosen from in fp32.
-- ``int8``: the model in bf16, and every linear layer of the backbone and the code head stored
-  as int8 with one bf16 scale per output channel, w ≈ scale[n] · q[n, k], scale = max|w[n]| / 127
+- ``bf16``: the model in bfloat16 (half the bytes) but the code head, which stays fp32 (see
+  ``Fp32Head``).
+- ``int8``: as bf16, and every linear layer of the backbone stored as int8 with one bf16 scale per output channel, w ≈ scale[n] · q[n, k], scale = max|w[n]| / 127
   (a quarter of fp32's bytes). On a CPU the product runs in torch's weight-only int8 kernel
   ``aten._weight_int8pack_mm`` (bf16 activations, int8 weights, unpacked on the fly inside the
   kernel); elsewhere, or for input widths it does not support, the weight is dequantised per call.
@@ -62,6 +62,19 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
+class Fp32Head(nn.Module):
+    """The code head kept in fp32 in a bf16/int8 model: logits rounded to bf16 (spacing 1/16 at
+    |logit| 8-16) shift the sampling distribution, and guidance s·(cond - uncond) amplifies the
+    error; measured on the shapes T2I model, a bf16 head moved FID by 15-20 % (BENCHMARKS.md)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = copy.deepcopy(linear).float()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x.float())
+
+
 def quantize_int8(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
     """Replace every nn.Linear inside ``module`` by an Int8Linear, in place; returns how many."""
     count = 0
@@ -82,10 +95,10 @@ def decode_weights(model: nn.Module, kind: str) -> nn.Module:
         return model
     out = copy.deepcopy(model).to(torch.bfloat16).eval()
     if kind == "int8":
-        # What every decode step reads: the backbone's blocks and the code head. The text encoder
-        # runs once per prompt and stays bf16.
+        # What every decode step reads: the backbone's blocks. The text encoder runs once per
+        # prompt and stays bf16.
         quantize_int8(out.backbone)
-        out.t2i_head = Int8Linear(model.t2i_head)
+    out.t2i_head = Fp32Head(model.t2i_head)  # K·D weights: small next to the blocks
     return out
 
 
