@@ -53,6 +53,7 @@ class ModelConfig:
     mlp: str = ""  # gelu | swiglu; empty = preset's
     norm: str = ""  # layernorm | rmsnorm; empty = preset's
     image_pos: str = ""  # rope2d | learned; empty = preset's
+    init: str = ""  # gpt | torch (weight init when training from scratch); empty = preset's (gpt)
 
 
 @dataclass

@@ -79,6 +79,10 @@ class MMConfig:
     embed_dim: int = 256  # ITC embedding size
     null_context_len: int = 1
     vqa_answers: int = 0  # classifier head size; 0 = no head (set at VQA fine-tuning)
+    # Weight init: "gpt" = N(0, 0.02) with residual outputs scaled by 1/sqrt(2 depth) (GPT-2);
+    # "torch" = PyTorch's default Linear init (U(+-1/sqrt(fan_in)), ~2x larger at D 192, residual
+    # outputs ~6x larger), embeddings N(0, 0.02) as in gpt. Only matters for training from scratch.
+    init: str = "gpt"
 
     @classmethod
     def from_dict(cls, data: dict) -> MMConfig:
@@ -101,6 +105,8 @@ class MMModel(nn.Module):
     def __init__(self, config: MMConfig):
         super().__init__()
         c = self.config = config
+        if c.init not in ("gpt", "torch"):
+            raise MMError(f"model init must be 'gpt' or 'torch', got {c.init!r}")
         if c.width % c.heads:
             raise MMError(f"model width {c.width} is not divisible by heads {c.heads}")
         blocks = {"mlp_ratio": c.mlp_ratio, "mlp": c.mlp, "norm": c.norm, "dropout": c.dropout}
@@ -127,6 +133,10 @@ class MMModel(nn.Module):
 
     def _init_weights(self, m: nn.Module) -> None:
         # GPT-2 style: N(0, 0.02), zero biases, residual output projections scaled by 1/sqrt(2·layers).
+        if self.config.init == "torch":  # keep nn.Linear's own init; only embeddings get N(0, 0.02)
+            if isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+            return
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
             if m.bias is not None:

@@ -153,3 +153,25 @@ def test_bad_inputs_are_one_line_errors(model):
         model.t2i_logits(torch.zeros(1, 4, 4, dtype=torch.long), None, None)
     with pytest.raises(MMError, match="set_vqa_answers"):
         model.vqa_logits(torch.randn(1, 16, model.config.width))
+
+
+def test_init_choice_gpt_vs_torch():
+    import math
+
+    from mm.errors import MMError
+    from mm.models.presets import create_model
+
+    torch.manual_seed(0)
+    gpt = create_model("tiny")
+    torch.manual_seed(0)
+    tor = create_model("tiny", init="torch")
+    lin_gpt = [m for m in gpt.backbone.modules() if isinstance(m, torch.nn.Linear)]
+    lin_tor = [m for m in tor.backbone.modules() if isinstance(m, torch.nn.Linear)]
+    for a, b in zip(lin_gpt, lin_tor):
+        fan_in = a.weight.shape[1]
+        assert float(a.weight.std()) < 0.021  # N(0, 0.02), residual outputs smaller still
+        assert abs(float(b.weight.std()) - 1 / math.sqrt(3 * fan_in)) < 0.1 / math.sqrt(3 * fan_in)
+    emb = tor.code_embed.emb.weight
+    assert abs(float(emb.std()) - 0.02) < 0.002  # embeddings stay N(0, 0.02) under both
+    with pytest.raises(MMError, match="init"):
+        create_model("debug", init="xavier")
