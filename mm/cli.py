@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_data(sub)
 
-    p = sub.add_parser("train", help="train a stage (vq | pretrain | vqa) from a YAML config; resumes")
+    p = sub.add_parser("train", help="train a stage (vq | pretrain | vqa | classify | detect) from a YAML config; resumes")
     p.add_argument("config", help="YAML config, e.g. configs/vq/shapes.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-4")
     p.set_defaults(func="mm.train.trainer:cli_train")

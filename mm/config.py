@@ -30,7 +30,7 @@ from mm.errors import MMError
 class RunConfig:
     dir: str = "runs/default"  # run folder: config.yaml, checkpoints/, metrics.jsonl, final/
     seed: int = 0
-    stage: str = "pretrain"  # vq | pretrain | vqa
+    stage: str = "pretrain"  # vq | pretrain | vqa | classify | detect
     init_from: str = ""  # vqa: a pretrain run folder or exported model folder to start from
 
 

@@ -1,4 +1,4 @@
-"""The training loop shared by every stage (vq, pretrain, vqa).
+"""The training loop shared by every stage (vq, pretrain, vqa, classify, detect).
 
 ``train(cfg)`` is the loop; the task (mm/tasks) computes losses and metrics, and small
 components do the rest: ``checkpoint`` (atomic save / exact resume), ``logger`` (progress bar,
