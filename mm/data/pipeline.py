@@ -118,6 +118,21 @@ def read_shard(url: str, counts: Counter | None, expected: int | None = None):
             pass
 
 
+def shard_metadata(sources: list[str]):
+    """Each sample's metadata dict (its ``json``), in shard order over ``sources``; None for a sample
+    whose json is missing or unreadable. Label and answer vocabularies are built from this."""
+    from mm.data.shards import expand_shards
+
+    for source in sources:
+        for url in expand_shards(source):
+            for sample in read_shard(url, None):
+                try:
+                    meta = json.loads(sample.get("json", b"{}"))
+                except (ValueError, UnicodeDecodeError):
+                    meta = None
+                yield meta if isinstance(meta, dict) else None
+
+
 def _expand_vqa(sample: dict):
     """One item per question, sharing the image bytes."""
     for q, qa in enumerate(questions_of(sample["meta"])):

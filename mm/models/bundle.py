@@ -32,6 +32,16 @@ def bundle_folder(path: str | Path) -> Path:
     return p
 
 
+def model_folder(path: str | Path, hint: str) -> Path:
+    """The MMModel folder (config.json + model.safetensors) at ``path`` or ``path/final``, for
+    ``run.init_from``; ``hint`` ends the error with what the stage expects there."""
+    p = Path(path).expanduser()
+    for cand in (p, p / "final"):
+        if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
+            return cand
+    raise MMError(f"run.init_from {path} is neither a model folder nor a finished run folder; {hint}")
+
+
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> tuple[MMModel, Path, VQTokenizer]:
     """(model in eval mode, tokenizer folder, VQ tokenizer in eval mode) from an exported folder."""
     p = bundle_folder(path)

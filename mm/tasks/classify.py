@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from mm.config import Config
 from mm.errors import MMError
 from mm.eval.classification import classification_report, save_confusion_png
+from mm.models.bundle import model_folder
 from mm.models.classifier import ClassifierConfig, ImageClassifier
 
 LABELS_FILE = "labels.json"
@@ -81,22 +82,15 @@ def natural_key(label: str):
 
 def labels_from_shards(sources: list[str], target: str) -> tuple[Counter, int]:
     """(label counts, samples without a label) over the training shards, in shard order."""
-    from mm.data.pipeline import read_shard
-    from mm.data.shards import expand_shards
+    from mm.data.pipeline import shard_metadata
 
     counts, unlabelled = Counter(), 0
-    for source in sources:
-        for url in expand_shards(source):
-            for sample in read_shard(url, None):
-                try:
-                    meta = json.loads(sample.get("json", b"{}"))
-                except (ValueError, UnicodeDecodeError):
-                    meta = None
-                label = label_of(meta, target) if isinstance(meta, dict) else None
-                if label is None:
-                    unlabelled += 1
-                else:
-                    counts[label] += 1
+    for meta in shard_metadata(sources):
+        label = label_of(meta, target) if meta is not None else None
+        if label is None:
+            unlabelled += 1
+        else:
+            counts[label] += 1
     return counts, unlabelled
 
 
@@ -119,22 +113,13 @@ def save_labels(path: Path, labels: list[str], counts: Counter, target: str) -> 
     tmp.replace(path)
 
 
-def model_folder(path: str) -> Path:
-    """The exported model folder of ``run.init_from`` (itself or RUN/final)."""
-    p = Path(path).expanduser()
-    for cand in (p, p / "final"):
-        if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
-            return cand
-    raise MMError(f"run.init_from {path} is neither a model folder nor a finished run folder; "
-                  "point it at RUN/final of a pretraining run (or leave it empty to train from scratch)")
-
-
 def build_model(cfg: Config) -> tuple[ImageClassifier, Path | None]:
     """The classifier before its labels are known: pretrained backbone or a fresh preset."""
     from mm.models.presets import preset_config
 
     if cfg.run.init_from:
-        folder = model_folder(cfg.run.init_from)
+        folder = model_folder(cfg.run.init_from, "point it at RUN/final of a pretraining run (or leave it empty to "
+                              "train from scratch)")
         saved = json.loads((folder / "config.json").read_text())
         config = ClassifierConfig.from_mm_config(saved, [], cfg.classify.target)
         config.pool = cfg.classify.pool

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from mm.config import Config
 from mm.errors import MMError
 from mm.eval.detection import cxcywh_to_xyxy, detection_map, hungarian_match, match_cost, paired_giou
+from mm.models.bundle import model_folder
 from mm.models.detr import Detector, DETRConfig
 
 LABELS = ("shape", "shape_color", "category")
@@ -187,12 +188,8 @@ def init_folder(path: str) -> Path | None:
     """The exported model folder of ``run.init_from`` (a model folder or a finished run), or None."""
     if not path:
         return None
-    p = Path(path).expanduser()
-    for cand in (p, p / "final"):
-        if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
-            return cand
-    raise MMError(f"run.init_from {path} is neither a model folder nor a finished run folder; "
-                  "point it at RUN/final of a pretraining (or detection) run, or leave it empty to train from scratch")
+    return model_folder(path, "point it at RUN/final of a pretraining (or detection) run, or leave it empty "
+                              "to train from scratch")
 
 
 class DetectTask:

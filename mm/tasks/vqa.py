@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import shutil
 import sys
 from collections import Counter
@@ -44,8 +43,8 @@ from mm.config import Config
 from mm.errors import MMError
 from mm.eval.vqa import normalize_answer, soft_score, vqa_accuracy
 from mm.generation import vqa as gen
+from mm.models.bundle import model_folder
 from mm.tasks import objectives as obj
-
 
 # ---------------------------------------------------------------------------------------------
 # Answer vocabulary and targets
@@ -96,20 +95,14 @@ def most_common_answer(answers: list[str]) -> str:
 
 def answers_from_shards(sources: list[str]):
     """Each training question's answer list, in shard order (unreadable shards are skipped)."""
-    from mm.data.pipeline import read_shard
-    from mm.data.shards import expand_shards, questions_of
+    from mm.data.pipeline import shard_metadata
+    from mm.data.shards import questions_of
 
-    for source in sources:
-        for url in expand_shards(source):
-            for sample in read_shard(url, None):
-                try:
-                    meta = json.loads(sample.get("json", b"{}"))
-                except (ValueError, UnicodeDecodeError):
-                    continue
-                qas = questions_of(meta)
-                for qa in qas if isinstance(qas, list) else []:
-                    if isinstance(qa, dict) and isinstance(qa.get("answers"), list):
-                        yield [str(a) for a in qa["answers"]]
+    for meta in shard_metadata(sources):
+        qas = questions_of(meta) if meta is not None else []
+        for qa in qas if isinstance(qas, list) else []:
+            if isinstance(qa, dict) and isinstance(qa.get("answers"), list):
+                yield [str(a) for a in qa["answers"]]
 
 
 def init_folder(path: str) -> Path:
@@ -117,12 +110,7 @@ def init_folder(path: str) -> Path:
     if not path:
         raise MMError("VQA fine-tuning needs run.init_from=RUN_OR_MODEL_DIR (a pretrained model) "
                       "or vqa.pretrain_config to pretrain first (through `mm train`)")
-    p = Path(path).expanduser()
-    for cand in (p, p / "final"):
-        if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
-            return cand
-    raise MMError(f"run.init_from {path} is neither a model folder nor a finished run folder; "
-                  "point it at RUN/final of a pretraining run")
+    return model_folder(path, "point it at RUN/final of a pretraining run")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +233,7 @@ class VQATask:
             shutil.copytree(vq, out / "vq", dirs_exist_ok=True)
 
     @classmethod
-    def for_export(cls, cfg: Config, run_dir: str | Path) -> "VQATask":
+    def for_export(cls, cfg: Config, run_dir: str | Path) -> VQATask:
         """The task of a saved run config, with the init model and vocabulary the trainer used."""
         cfg, run_dir = copy.deepcopy(cfg), Path(run_dir)
         if not cfg.run.init_from:
