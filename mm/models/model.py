@@ -47,7 +47,7 @@ from mm.models.decoder import TextDecoder
 from mm.models.text_encoder import BuiltinTextEncoder, HFTextEncoder, masked_mean
 from mm.nn.attention import Attention
 from mm.nn.cache import BlockCache, make_caches
-from mm.nn.layers import MLP
+from mm.nn.layers import MLP, POOLS, Pool
 
 
 @dataclass
@@ -73,6 +73,7 @@ class MMConfig:
     channels: int = 3
     patch_size: int = 4
     image_pos: str = "rope2d"  # rope2d | learned
+    patch_stem: str = "linear"  # linear (ViT) | conv (3x3 stride-2 convolutions; mm.models.backbone.PatchEmbed)
     codebook_size: int = 512  # K of the VQ tokenizer
     code_grid: list[int] = field(default_factory=lambda: [8, 8])  # (h, w) of the VQ code grid
     decoder_depth: int = 2
@@ -83,6 +84,10 @@ class MMConfig:
     # "torch" = PyTorch's default Linear init (U(+-1/sqrt(fan_in)), ~2x larger at D 192, residual
     # outputs ~6x larger), embeddings N(0, 0.02) as in gpt. Only matters for training from scratch.
     init: str = "gpt"
+    # How the ITM and VQA heads read the fused states (B, Li, D): mean | max | attn (a learned
+    # probe, mm.nn.layers.Pool). Mean dilutes one small object's patch with the background ones.
+    itm_pool: str = "mean"
+    vqa_pool: str = "mean"
 
     @classmethod
     def from_dict(cls, data: dict) -> MMConfig:
@@ -109,16 +114,22 @@ class MMModel(nn.Module):
             raise MMError(f"model init must be 'gpt' or 'torch', got {c.init!r}")
         if c.width % c.heads:
             raise MMError(f"model width {c.width} is not divisible by heads {c.heads}")
+        for name in ("itm_pool", "vqa_pool"):
+            if getattr(c, name) not in POOLS:
+                raise MMError(f"model {name} must be one of {', '.join(POOLS)}, got {getattr(c, name)!r}")
         blocks = {"mlp_ratio": c.mlp_ratio, "mlp": c.mlp, "norm": c.norm, "dropout": c.dropout}
-        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.channels, c.width, c.heads, c.image_pos)
+        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.channels, c.width, c.heads, c.image_pos,
+                                      c.patch_stem)
         self.code_embed = CodeEmbed(c.codebook_size, tuple(c.code_grid), c.width, c.heads, c.image_pos)
         self.backbone = SharedBackbone(c.width, c.depth, c.heads, null_context_len=c.null_context_len, **blocks)
         self.decoder = TextDecoder(c.vocab_size, c.width, c.decoder_depth, c.heads, c.text_max_len, **blocks)
         self.itc_image = nn.Linear(c.width, c.embed_dim)
         self.itc_text = nn.Linear(c.width, c.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+        self.itm_pool = Pool(c.itm_pool, c.width, c.heads)
         self.itm_head = nn.Linear(c.width, 2)
         self.t2i_head = nn.Linear(c.width, c.codebook_size)
+        self.vqa_pool = Pool(c.vqa_pool, c.width, c.heads) if c.vqa_answers else None
         self.vqa_head = self._vqa_head(c.vqa_answers) if c.vqa_answers else None
         self.apply(self._init_weights)  # before the HF encoder exists, so pretrained weights stay
         if c.text_encoder == "builtin":
@@ -155,7 +166,10 @@ class MMModel(nn.Module):
         """(Re)build the VQA classifier for an answer vocabulary of this size (VQA fine-tuning)."""
         if answers < 1:
             raise MMError(f"the VQA answer vocabulary must have at least 1 answer, got {answers}")
+        c = self.config
+        self.vqa_pool = Pool(c.vqa_pool, c.width, c.heads).to(self.logit_scale.device)
         self.vqa_head = self._vqa_head(answers).to(self.logit_scale.device)
+        self.vqa_pool.apply(self._init_weights)
         self.vqa_head.apply(self._init_weights)
         self.config.vqa_answers = answers
 
@@ -206,12 +220,12 @@ class MMModel(nn.Module):
         return self.image_states(images, text_states, text_mask)
 
     def itm_logits(self, fused: Tensor) -> Tensor:
-        return self.itm_head(fused.mean(1))  # (B, 2): [no match, match]
+        return self.itm_head(self.itm_pool(fused))  # (B, 2): [no match, match]
 
     def vqa_logits(self, fused: Tensor) -> Tensor:
         if self.vqa_head is None:
             raise MMError("this model has no VQA classifier head; call set_vqa_answers(n) before VQA training")
-        return self.vqa_head(fused.mean(1))  # (B, A)
+        return self.vqa_head(self.vqa_pool(fused))  # (B, A)
 
     # ---- captioning / generative answers ------------------------------------------------------
 

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mm.nn.attention import Attention
+from mm.nn.attention import Attention, attend
+
+POOLS = ("mean", "max", "attn")
 
 
 class RMSNorm(nn.Module):
@@ -116,3 +118,36 @@ class Block(nn.Module):
         if self.has_cross and (context is not None or cached):
             x = x + self.drop(self.cross(self.norm2(x), context, key_mask=context_mask, cache=cross_cache))
         return x + self.mlp(self.norm3(x))
+
+
+class Pool(nn.Module):
+    """(B, L, D) states -> (B, D): ``mean``, ``max`` or ``attn`` over the L positions.
+
+    ``attn`` is a learned probe attending over the states (SigLIP's MAP head without its MLP). Mean
+    pooling averages the one patch that holds a small object with every background patch; a probe
+    can read that patch alone, and with fused states (patches that have cross-attended to a
+    question) it can read the patch the question is about. ``mean`` and ``max`` have no weights, so
+    models saved before this option load unchanged.
+    """
+
+    def __init__(self, kind: str, dim: int, heads: int):
+        super().__init__()
+        if kind not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {kind!r}")
+        self.kind, self.heads = kind, heads
+        if kind == "attn":
+            self.probe = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+            self.norm = nn.LayerNorm(dim)
+            self.q, self.kv, self.out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "mean":
+            return x.mean(1)
+        if self.kind == "max":
+            return x.amax(1)
+        b, n, d = x.shape
+        h = self.heads
+        k, v = self.kv(self.norm(x)).view(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)  # (B, h, L, d/h) each
+        q = self.q(self.probe).view(1, h, 1, d // h).expand(b, -1, -1, -1)  # (B, h, 1, d/h)
+        y = attend(q, k, v)  # (B, h, 1, d/h)
+        return self.out(y.reshape(b, d))  # (B, D)

@@ -48,7 +48,8 @@ from mm.models.classifier import ClassifierConfig, ImageClassifier
 
 LABELS_FILE = "labels.json"
 # ModelConfig fields that shape the image side of a classifier trained from scratch.
-MODEL_FIELDS = ("width", "depth", "heads", "mlp_ratio", "patch_size", "mlp", "norm", "image_pos")
+MODEL_FIELDS = ("width", "depth", "heads", "mlp_ratio", "patch_size", "mlp", "norm", "image_pos",
+                "patch_stem")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from mm.errors import MMError
 from mm.eval.vqa import normalize_answer, soft_score, vqa_accuracy
 from mm.generation import vqa as gen
 from mm.models.bundle import model_folder
+from mm.nn.layers import POOLS
 from mm.tasks import objectives as obj
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +138,11 @@ class VQATask:
             raise MMError(f"the model in {self.init_dir} takes {c.image_size} px images and {c.text_max_len} "
                           f"tokens; set data.image_size={c.image_size} and data.text_max_len<={c.text_max_len}")
         if self.head == "generative" and self.model.vqa_head is not None:
-            self.model.vqa_head, c.vqa_answers = None, 0  # an earlier classifier would get no gradient
+            self.model.vqa_head, self.model.vqa_pool, c.vqa_answers = None, None, 0  # it would get no gradient
+        if cfg.model.vqa_pool and cfg.model.vqa_pool != c.vqa_pool:
+            if cfg.model.vqa_pool not in POOLS:
+                raise MMError(f"model.vqa_pool is {cfg.model.vqa_pool!r}; use one of {', '.join(POOLS)}")
+            c.vqa_pool = cfg.model.vqa_pool  # setup() builds the head with it
         if cfg.train.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         if cfg.train.compile:

@@ -175,3 +175,49 @@ def test_init_choice_gpt_vs_torch():
     assert abs(float(emb.std()) - 0.02) < 0.002  # embeddings stay N(0, 0.02) under both
     with pytest.raises(MMError, match="init"):
         create_model("debug", init="xavier")
+
+
+def test_itm_and_vqa_pools_save_load_and_train(tmp_path):
+    from mm.errors import MMError
+    from mm.models.model import MMModel
+    from mm.models.presets import create_model
+
+    torch.manual_seed(0)
+    model = create_model("debug", itm_pool="attn", vqa_pool="max")
+    model.set_vqa_answers(5)
+    assert any(n.startswith("itm_pool.") for n, _ in model.named_parameters())
+    assert not any(n.startswith("vqa_pool.") for n, _ in model.named_parameters())  # max has no weights
+    fused = torch.randn(2, 16, model.config.width, requires_grad=True)
+    model.itm_logits(fused).sum().backward()
+    assert model.itm_pool.probe.grad is not None and model.itm_pool.probe.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path / "m")
+    back = MMModel.from_pretrained(tmp_path / "m")
+    assert (back.config.itm_pool, back.config.vqa_pool) == ("attn", "max")
+    torch.testing.assert_close(back.itm_logits(fused.detach()), model.itm_logits(fused.detach()))
+    torch.testing.assert_close(back.vqa_logits(fused.detach()), model.vqa_logits(fused.detach()))
+    with pytest.raises(MMError, match="vqa_pool"):
+        create_model("debug", vqa_pool="cls")
+
+
+def test_conv_patch_stem_gives_the_linear_stems_grid_and_loads_back(tmp_path):
+    from mm.errors import MMError
+    from mm.models.model import MMModel
+    from mm.models.presets import create_model
+
+    torch.manual_seed(0)
+    model = create_model("debug", image_size=32, patch_size=8, patch_stem="conv")
+    linear = create_model("debug", image_size=32, patch_size=8)
+    x = torch.randn(2, 3, 32, 32)
+    tokens, _ = model.patch_embed(x)
+    assert tokens.shape == linear.patch_embed(x)[0].shape == (2, 16, model.config.width)
+    # token n is patch n in row-major order: changing the pixels of patch (1, 2) moves token 6 most
+    y = x.clone()
+    y[:, :, 8:16, 16:24] += 1.0
+    moved = (model.patch_embed(y)[0] - tokens).norm(dim=-1)[0]  # (16,)
+    assert int(moved.argmax()) == 1 * 4 + 2
+    model.save_pretrained(tmp_path / "m")
+    torch.testing.assert_close(MMModel.from_pretrained(tmp_path / "m").image_states(x), model.image_states(x))
+    with pytest.raises(MMError, match="power-of-two"):
+        create_model("debug", patch_size=6, image_size=36, patch_stem="conv")
+    with pytest.raises(MMError, match="patch_stem"):
+        create_model("debug", patch_stem="resnet")

@@ -42,3 +42,25 @@ def test_block_residuals_and_optional_cross_attention():
     blk.train()
     blk(x, c).sum().backward()
     assert all(p.grad is not None for p in blk.parameters())
+
+
+def test_pool_mean_max_and_attention_probe_match_naive():
+    from mm.nn.layers import Pool
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8)
+    assert torch.equal(Pool("mean", 8, 2)(x), x.mean(1))
+    assert torch.equal(Pool("max", 8, 2)(x), x.amax(1))
+    assert not list(Pool("mean", 8, 2).parameters())  # no weights: old checkpoints load unchanged
+    pool = Pool("attn", 8, 2)
+    # naive: per head, softmax(q k^T / sqrt(d)) v with one query (the probe), then the output projection
+    k, v = pool.kv(pool.norm(x)).chunk(2, dim=-1)  # (B, L, D) each
+    q = pool.q(pool.probe)[0, 0]  # (D,)
+    heads = []
+    for h in range(2):
+        sl = slice(4 * h, 4 * h + 4)
+        w = torch.softmax(k[..., sl] @ q[sl] / 2.0, dim=1)  # (B, L)
+        heads.append((w[..., None] * v[..., sl]).sum(1))  # (B, 4)
+    torch.testing.assert_close(pool(x), pool.out(torch.cat(heads, -1)))
+    with pytest.raises(ValueError, match="pool must be one of"):
+        Pool("cls", 8, 2)
