@@ -57,6 +57,7 @@ class ModelConfig:
     init: str = ""  # gpt | torch (weight init when training from scratch); empty = preset's (gpt)
     itm_pool: str = ""  # mean | max | attn: how the ITM head reads the fused states; empty = preset's (mean)
     vqa_pool: str = ""  # the same for the VQA classifier; VQA fine-tuning may change it (a new head)
+    vqa_fusion: str = ""  # fused | late: the VQA classifier also reads the pooled question; empty = fused
 
 
 @dataclass

@@ -49,13 +49,12 @@ def probe(run: str, images: int) -> None:
         for value in values:
             ids, mask = tok.encode([template.format(value)] * len(samples), model.config.text_max_len)
             cross.clear()
-            f = gen.fused_states(model, pixels, ids, mask)  # (B, Li, D)
-            states, smask = model.encode_text(ids, mask)
+            f, states, smask = gen.question_and_fused(model, pixels, ids, mask)  # (B, Li, D), (B, Lt, D)
             fused.append(f)
             m = smask[..., None].to(states.dtype)
             text.append((states * m).sum(1) / m.sum(1))  # (B, D): lengths differ between questions
             per_block.append(list(cross))
-            for i, s in zip(model.vqa_logits(f).argmax(1).tolist(), samples):
+            for i, s in zip(model.vqa_logits(f, states, smask).argmax(1).tolist(), samples):
                 truth = "yes" if value in [o[key] for o in s["json"]["objects"]] else "no"
                 hits, yes = hits + (answers[i] == truth), yes + (answers[i] == "yes")
         n = len(values) * len(samples)

@@ -10,7 +10,8 @@ A VQA model folder is the exported pretraining layout plus the answer vocabulary
 Both heads read the FUSED states: the backbone over image patches with the question as its
 cross-attention context, (B, Li, D).
 
-- classifier: ``model.vqa_logits(fused)`` (an MLP on the mean-pooled fused states) scores every
+- classifier: ``model.vqa_logits(fused, question)`` (an MLP on the pooled fused states, and with
+  ``vqa_fusion=late`` on the pooled question too) scores every
   answer of the vocabulary independently (sigmoid, trained with BCE on soft scores, as ViLT).
 - generative: the TextDecoder writes the answer after BOS, cross-attending to the fused states.
   Free greedy decoding, or (``rank_candidates``) ranking the vocabulary by the decoder's
@@ -96,10 +97,11 @@ def images_to_tensor(images: list, size: int) -> Tensor:
     return to_tensor(arrays)
 
 
-def fused_states(model, images: Tensor, question_ids: Tensor, question_mask: Tensor) -> Tensor:
-    """(B, Li, D): image patches through the backbone with the question as context."""
+def question_and_fused(model, images: Tensor, question_ids: Tensor, question_mask: Tensor
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """(fused (B, Li, D), question states (B, Lt, D), question mask (B, Lt)): all the classifier reads."""
     text_states, text_mask = model.encode_text(question_ids, question_mask.bool())
-    return model.fuse(images, text_states, text_mask)
+    return model.fuse(images, text_states, text_mask), text_states, text_mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,9 +190,9 @@ class VQAAnswerer:
     def from_tensors(self, images: Tensor, question_ids: Tensor, question_mask: Tensor, k: int = 1
                      ) -> list[list[tuple[str, float]]]:
         """Per question the k best (answer, score); free generation gives one answer, score nan."""
-        fused = fused_states(self.model, images, question_ids, question_mask)  # (B, Li, D)
+        fused, q_states, q_mask = question_and_fused(self.model, images, question_ids, question_mask)  # (B, Li, D)
         if self.head == "classifier":
-            probs = torch.sigmoid(self.model.vqa_logits(fused).float())  # (B, A)
+            probs = torch.sigmoid(self.model.vqa_logits(fused, q_states, q_mask).float())  # (B, A)
             values, index = probs.topk(min(k, probs.shape[1]), dim=1)
         elif self.rank:
             index, values = rank_candidates(self.model, fused, *self.candidates(), k=max(k, RANK_PRESELECT))

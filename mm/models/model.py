@@ -88,6 +88,10 @@ class MMConfig:
     # probe, mm.nn.layers.Pool). Mean dilutes one small object's patch with the background ones.
     itm_pool: str = "mean"
     vqa_pool: str = "mean"
+    # What the VQA classifier reads: "fused" = the pooled fused states only; "late" = also the pooled
+    # question states q and their product, [v, q, v*q] (the bilinear late fusion of classic VQA
+    # models): the question reaches the answer directly, not only through cross-attention.
+    vqa_fusion: str = "fused"
 
     @classmethod
     def from_dict(cls, data: dict) -> MMConfig:
@@ -114,6 +118,8 @@ class MMModel(nn.Module):
             raise MMError(f"model init must be 'gpt' or 'torch', got {c.init!r}")
         if c.width % c.heads:
             raise MMError(f"model width {c.width} is not divisible by heads {c.heads}")
+        if c.vqa_fusion not in ("fused", "late"):
+            raise MMError(f"model vqa_fusion must be 'fused' or 'late', got {c.vqa_fusion!r}")
         for name in ("itm_pool", "vqa_pool"):
             if getattr(c, name) not in POOLS:
                 raise MMError(f"model {name} must be one of {', '.join(POOLS)}, got {getattr(c, name)!r}")
@@ -160,7 +166,8 @@ class MMModel(nn.Module):
 
     def _vqa_head(self, answers: int) -> nn.Module:
         d = self.config.width
-        return nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.LayerNorm(2 * d), nn.Linear(2 * d, answers))
+        d_in = 3 * d if self.config.vqa_fusion == "late" else d
+        return nn.Sequential(nn.Linear(d_in, 2 * d), nn.GELU(), nn.LayerNorm(2 * d), nn.Linear(2 * d, answers))
 
     def set_vqa_answers(self, answers: int) -> None:
         """(Re)build the VQA classifier for an answer vocabulary of this size (VQA fine-tuning)."""
@@ -222,10 +229,19 @@ class MMModel(nn.Module):
     def itm_logits(self, fused: Tensor) -> Tensor:
         return self.itm_head(self.itm_pool(fused))  # (B, 2): [no match, match]
 
-    def vqa_logits(self, fused: Tensor) -> Tensor:
+    def vqa_logits(self, fused: Tensor, text_states: Tensor | None = None, text_mask: Tensor | None = None
+                   ) -> Tensor:
+        """fused (B, Li, D) -> (B, A); ``vqa_fusion=late`` also needs the question's states (B, Lt, D)."""
         if self.vqa_head is None:
             raise MMError("this model has no VQA classifier head; call set_vqa_answers(n) before VQA training")
-        return self.vqa_head(self.vqa_pool(fused))  # (B, A)
+        v = self.vqa_pool(fused)  # (B, D)
+        if self.config.vqa_fusion == "late":
+            if text_states is None:
+                raise MMError("this model's VQA head (vqa_fusion=late) reads the question too: pass its text "
+                              "states and mask to vqa_logits")
+            q = masked_mean(text_states, text_mask).to(v.dtype)  # (B, D)
+            v = torch.cat([v, q, v * q], dim=-1)  # (B, 3D)
+        return self.vqa_head(v)  # (B, A)
 
     # ---- captioning / generative answers ------------------------------------------------------
 

@@ -139,6 +139,10 @@ class VQATask:
                           f"tokens; set data.image_size={c.image_size} and data.text_max_len<={c.text_max_len}")
         if self.head == "generative" and self.model.vqa_head is not None:
             self.model.vqa_head, self.model.vqa_pool, c.vqa_answers = None, None, 0  # it would get no gradient
+        if cfg.model.vqa_fusion and cfg.model.vqa_fusion != c.vqa_fusion:
+            if cfg.model.vqa_fusion not in ("fused", "late"):
+                raise MMError(f"model.vqa_fusion is {cfg.model.vqa_fusion!r}; use fused or late")
+            c.vqa_fusion = cfg.model.vqa_fusion  # setup() builds the head with it
         if cfg.model.vqa_pool and cfg.model.vqa_pool != c.vqa_pool:
             if cfg.model.vqa_pool not in POOLS:
                 raise MMError(f"model.vqa_pool is {cfg.model.vqa_pool!r}; use one of {', '.join(POOLS)}")
@@ -188,9 +192,10 @@ class VQATask:
     def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         self._check_ready()
         m = self.model
-        fused = gen.fused_states(m, batch["image"], batch["question_ids"], batch["question_mask"])  # (B, Li, D)
+        fused, q_states, q_mask = gen.question_and_fused(m, batch["image"], batch["question_ids"],
+                                                         batch["question_mask"])  # (B, Li, D), (B, Lt, D)
         if self.head == "classifier":
-            logits = m.vqa_logits(fused).float()  # (B, A)
+            logits = m.vqa_logits(fused, q_states, q_mask).float()  # (B, A)
             targets = soft_targets(batch["answers"], self.index).to(logits.device)
             # ViLT: BCE averaged over all entries, times A = summed over answers, mean over questions.
             loss = F.binary_cross_entropy_with_logits(logits, targets) * targets.shape[1]

@@ -221,3 +221,25 @@ def test_conv_patch_stem_gives_the_linear_stems_grid_and_loads_back(tmp_path):
         create_model("debug", patch_size=6, image_size=36, patch_stem="conv")
     with pytest.raises(MMError, match="patch_stem"):
         create_model("debug", patch_stem="resnet")
+
+
+def test_late_vqa_fusion_reads_the_question_directly(tmp_path):
+    from mm.errors import MMError
+    from mm.models.model import MMModel
+    from mm.models.presets import create_model
+
+    torch.manual_seed(0)
+    model = create_model("debug", vqa_fusion="late")
+    model.set_vqa_answers(4)
+    fused = torch.randn(2, 16, model.config.width)
+    text, mask = torch.randn(2, 5, model.config.width), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    out = model.vqa_logits(fused, text, mask)
+    v, q = fused.mean(1), torch.stack([text[0, :3].mean(0), text[1].mean(0)])
+    torch.testing.assert_close(out, model.vqa_head(torch.cat([v, q, v * q], -1)))
+    other = text.clone()
+    other[0, 3:] = 100.0  # padding is not read
+    torch.testing.assert_close(model.vqa_logits(fused, other, mask)[0], out[0])
+    with pytest.raises(MMError, match="reads the question"):
+        model.vqa_logits(fused)
+    model.save_pretrained(tmp_path / "m")
+    torch.testing.assert_close(MMModel.from_pretrained(tmp_path / "m").vqa_logits(fused, text, mask), out)
