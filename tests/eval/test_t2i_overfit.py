@@ -65,13 +65,15 @@ def test_tiny_t2i_overfits_fixed_prompts_to_100_percent(vq48, tmp_path):
     model = _tiny_t2i(tok, vq48)
     ids, mask = tok.encode(prompts, max_len=24)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for step in range(400):
+    perfect = 0  # steps in a row at 100 %: the first one can have margins small enough that the
+    for step in range(400):  # cached greedy path (other kernels, other rounding) flips an argmax
         states, smask = model.encode_text(ids, mask)
         loss, metrics, _ = t2i_loss(model, codes, states, smask)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if metrics["t2i_acc"] == 1.0:
+        perfect = perfect + 1 if metrics["t2i_acc"] == 1.0 else 0
+        if perfect == 20:
             break
     assert metrics["t2i_acc"] == 1.0, f"next-code accuracy {metrics['t2i_acc']:.3f} after {step + 1} steps"
 
