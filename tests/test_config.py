@@ -137,3 +137,12 @@ def test_mixed_precision_auto_follows_native_bf16(monkeypatch, capsys):
     assert setup.resolve_precision("no", cuda=False) == "no"
     with pytest.raises(MMError, match="fp16 needs a GPU"):
         setup.resolve_precision("fp16", cuda=False)
+
+
+@pytest.mark.parametrize("override", ["model.vqa_pool=cls", "model.itm_pool=sum", "model.vqa_fusion=early",
+                                      "model.patch_stem=resnet"])
+def test_model_head_and_stem_options_are_checked_at_load(tmp_path, override):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  dir: x\n")
+    with pytest.raises(MMError, match=override.split("=")[0]):
+        load_config(path, [override])

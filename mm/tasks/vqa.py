@@ -44,7 +44,6 @@ from mm.errors import MMError
 from mm.eval.vqa import normalize_answer, soft_score, vqa_accuracy
 from mm.generation import vqa as gen
 from mm.models.bundle import model_folder
-from mm.nn.layers import POOLS
 from mm.tasks import objectives as obj
 
 # ---------------------------------------------------------------------------------------------
@@ -139,14 +138,9 @@ class VQATask:
                           f"tokens; set data.image_size={c.image_size} and data.text_max_len<={c.text_max_len}")
         if self.head == "generative" and self.model.vqa_head is not None:
             self.model.vqa_head, self.model.vqa_pool, c.vqa_answers = None, None, 0  # it would get no gradient
-        if cfg.model.vqa_fusion and cfg.model.vqa_fusion != c.vqa_fusion:
-            if cfg.model.vqa_fusion not in ("fused", "late"):
-                raise MMError(f"model.vqa_fusion is {cfg.model.vqa_fusion!r}; use fused or late")
-            c.vqa_fusion = cfg.model.vqa_fusion  # setup() builds the head with it
-        if cfg.model.vqa_pool and cfg.model.vqa_pool != c.vqa_pool:
-            if cfg.model.vqa_pool not in POOLS:
-                raise MMError(f"model.vqa_pool is {cfg.model.vqa_pool!r}; use one of {', '.join(POOLS)}")
-            c.vqa_pool = cfg.model.vqa_pool  # setup() builds the head with it
+        for name in ("vqa_pool", "vqa_fusion"):  # the head is new at fine-tuning: setup() builds it with these
+            if getattr(cfg.model, name):  # (values checked by mm.config.validate)
+                setattr(c, name, getattr(cfg.model, name))
         if cfg.train.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         if cfg.train.compile:

@@ -45,8 +45,9 @@ def resolve_precision(requested: str, cuda: bool) -> str:
     if requested == "auto":
         return "bf16" if native_bf16(cuda) else "no"
     if requested == "bf16" and not native_bf16(cuda):
-        print("mm: warning: train.mixed_precision=bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX) "
-              "runs several times slower than fp32; use train.mixed_precision=auto or no", file=sys.stderr)
+        where = "a GPU without bf16" if cuda else "a CPU without native bf16 (no AVX512-BF16 or AMX)"
+        print(f"mm: warning: train.mixed_precision=bf16 on {where} runs several times slower than fp32; "
+              "use train.mixed_precision=auto or no", file=sys.stderr)
     return requested
 
 
