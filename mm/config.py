@@ -57,7 +57,7 @@ class ModelConfig:
     init: str = ""  # gpt | torch (weight init when training from scratch); empty = preset's (gpt)
     itm_pool: str = ""  # mean | max | attn: how the ITM head reads the fused states; empty = preset's (mean)
     vqa_pool: str = ""  # the same for the VQA classifier; VQA fine-tuning may change it (a new head)
-    vqa_fusion: str = ""  # fused | late: the VQA classifier also reads the pooled question; empty = fused
+    vqa_fusion: str = ""  # fused | late | reader (mm.models.model.MMConfig); empty = the model's own
 
 
 @dataclass
@@ -408,7 +408,7 @@ def validate(cfg: Config) -> Config:
         ("classify.pool", cfg.classify.pool in ("mean", "max", "attn"), "must be mean, max or attn"),
         ("model.itm_pool", cfg.model.itm_pool in ("", "mean", "max", "attn"), "must be mean, max or attn"),
         ("model.vqa_pool", cfg.model.vqa_pool in ("", "mean", "max", "attn"), "must be mean, max or attn"),
-        ("model.vqa_fusion", cfg.model.vqa_fusion in ("", "fused", "late"), "must be fused or late"),
+        ("model.vqa_fusion", cfg.model.vqa_fusion in ("", "fused", "late", "reader"), "must be fused, late or reader"),
         ("model.patch_stem", cfg.model.patch_stem in ("", "linear", "conv"), "must be linear or conv"),
         ("classify.label_smoothing", 0.0 <= cfg.classify.label_smoothing < 1.0, "must be in [0, 1)"),
         ("detect.label", cfg.detect.label in ("shape", "shape_color", "category"),

@@ -47,7 +47,10 @@ from mm.models.decoder import TextDecoder
 from mm.models.text_encoder import BuiltinTextEncoder, HFTextEncoder, masked_mean
 from mm.nn.attention import Attention
 from mm.nn.cache import BlockCache, make_caches
-from mm.nn.layers import MLP, POOLS, Pool
+from mm.nn.layers import MLP, POOLS, Block, Pool
+
+
+VQA_FUSIONS = ("fused", "late", "reader")
 
 
 @dataclass
@@ -90,7 +93,10 @@ class MMConfig:
     vqa_pool: str = "mean"
     # What the VQA classifier reads: "fused" = the pooled fused states only; "late" = also the pooled
     # question states q and their product, [v, q, v*q] (the bilinear late fusion of classic VQA
-    # models): the question reaches the answer directly, not only through cross-attention.
+    # models): the question reaches the answer directly, not only through cross-attention;
+    # "reader" = the question tokens run through decoder_depth blocks of their own that cross-attend
+    # to the fused patches (ALBEF/BLIP's direction: the question looks at the image), and the
+    # classifier reads [v, r], r their masked mean.
     vqa_fusion: str = "fused"
 
     @classmethod
@@ -118,8 +124,8 @@ class MMModel(nn.Module):
             raise MMError(f"model init must be 'gpt' or 'torch', got {c.init!r}")
         if c.width % c.heads:
             raise MMError(f"model width {c.width} is not divisible by heads {c.heads}")
-        if c.vqa_fusion not in ("fused", "late"):
-            raise MMError(f"model vqa_fusion must be 'fused' or 'late', got {c.vqa_fusion!r}")
+        if c.vqa_fusion not in VQA_FUSIONS:
+            raise MMError(f"model vqa_fusion must be one of {', '.join(VQA_FUSIONS)}, got {c.vqa_fusion!r}")
         for name in ("itm_pool", "vqa_pool"):
             if getattr(c, name) not in POOLS:
                 raise MMError(f"model {name} must be one of {', '.join(POOLS)}, got {getattr(c, name)!r}")
@@ -136,6 +142,7 @@ class MMModel(nn.Module):
         self.itm_head = nn.Linear(c.width, 2)
         self.t2i_head = nn.Linear(c.width, c.codebook_size)
         self.vqa_pool = Pool(c.vqa_pool, c.width, c.heads) if c.vqa_answers else None
+        self.vqa_reader = self._vqa_reader() if c.vqa_answers else None
         self.vqa_head = self._vqa_head(c.vqa_answers) if c.vqa_answers else None
         self.apply(self._init_weights)  # before the HF encoder exists, so pretrained weights stay
         if c.text_encoder == "builtin":
@@ -164,9 +171,16 @@ class MMModel(nn.Module):
         if residual_out is not None:  # apply() visits children first, so this overrides the above
             nn.init.normal_(residual_out.weight, std=0.02 / math.sqrt(2 * max(self.config.depth, 1)))
 
+    def _vqa_reader(self) -> nn.ModuleList | None:
+        c = self.config
+        if c.vqa_fusion != "reader":
+            return None
+        return nn.ModuleList([Block(c.width, c.heads, c.mlp_ratio, context_dim=c.width, mlp=c.mlp, norm=c.norm,
+                                    dropout=c.dropout) for _ in range(max(c.decoder_depth, 1))])
+
     def _vqa_head(self, answers: int) -> nn.Module:
         d = self.config.width
-        d_in = 3 * d if self.config.vqa_fusion == "late" else d
+        d_in = {"fused": d, "late": 3 * d, "reader": 2 * d}[self.config.vqa_fusion]
         return nn.Sequential(nn.Linear(d_in, 2 * d), nn.GELU(), nn.LayerNorm(2 * d), nn.Linear(2 * d, answers))
 
     def set_vqa_answers(self, answers: int) -> None:
@@ -174,10 +188,11 @@ class MMModel(nn.Module):
         if answers < 1:
             raise MMError(f"the VQA answer vocabulary must have at least 1 answer, got {answers}")
         c = self.config
-        self.vqa_pool = Pool(c.vqa_pool, c.width, c.heads).to(self.logit_scale.device)
-        self.vqa_head = self._vqa_head(answers).to(self.logit_scale.device)
-        self.vqa_pool.apply(self._init_weights)
-        self.vqa_head.apply(self._init_weights)
+        self.vqa_pool, self.vqa_reader = Pool(c.vqa_pool, c.width, c.heads), self._vqa_reader()
+        self.vqa_head = self._vqa_head(answers)
+        for part in (self.vqa_pool, self.vqa_reader, self.vqa_head):
+            if part is not None:
+                part.to(self.logit_scale.device).apply(self._init_weights)
         self.config.vqa_answers = answers
 
     def set_grad_checkpointing(self, on: bool = True) -> None:
@@ -231,17 +246,23 @@ class MMModel(nn.Module):
 
     def vqa_logits(self, fused: Tensor, text_states: Tensor | None = None, text_mask: Tensor | None = None
                    ) -> Tensor:
-        """fused (B, Li, D) -> (B, A); ``vqa_fusion=late`` also needs the question's states (B, Lt, D)."""
+        """fused (B, Li, D) -> (B, A); ``vqa_fusion`` late/reader also need the question's states (B, Lt, D)."""
         if self.vqa_head is None:
             raise MMError("this model has no VQA classifier head; call set_vqa_answers(n) before VQA training")
         v = self.vqa_pool(fused)  # (B, D)
-        if self.config.vqa_fusion == "late":
-            if text_states is None:
-                raise MMError("this model's VQA head (vqa_fusion=late) reads the question too: pass its text "
-                              "states and mask to vqa_logits")
+        fusion = self.config.vqa_fusion
+        if fusion == "fused":
+            return self.vqa_head(v)  # (B, A)
+        if text_states is None:
+            raise MMError(f"this model's VQA head (vqa_fusion={fusion}) reads the question too: pass its text "
+                          "states and mask to vqa_logits")
+        if fusion == "late":
             q = masked_mean(text_states, text_mask).to(v.dtype)  # (B, D)
-            v = torch.cat([v, q, v * q], dim=-1)  # (B, 3D)
-        return self.vqa_head(v)  # (B, A)
+            return self.vqa_head(torch.cat([v, q, v * q], dim=-1))  # (B, 3D) -> (B, A)
+        r = text_states.to(fused.dtype)  # (B, Lt, D): each question token asks the patches
+        for blk in self.vqa_reader:
+            r = blk(r, fused, key_mask=text_mask)  # self-attention over the question, cross to the patches
+        return self.vqa_head(torch.cat([v, masked_mean(r, text_mask)], dim=-1))  # (B, 2D) -> (B, A)
 
     # ---- captioning / generative answers ------------------------------------------------------
 

@@ -137,7 +137,7 @@ class VQATask:
             raise MMError(f"the model in {self.init_dir} takes {c.image_size} px images and {c.text_max_len} "
                           f"tokens; set data.image_size={c.image_size} and data.text_max_len<={c.text_max_len}")
         if self.head == "generative" and self.model.vqa_head is not None:
-            self.model.vqa_head, self.model.vqa_pool, c.vqa_answers = None, None, 0  # it would get no gradient
+            self.model.vqa_head, self.model.vqa_pool, self.model.vqa_reader, c.vqa_answers = None, None, None, 0  # it would get no gradient
         for name in ("vqa_pool", "vqa_fusion"):  # the head is new at fine-tuning: setup() builds it with these
             if getattr(cfg.model, name):  # (values checked by mm.config.validate)
                 setattr(c, name, getattr(cfg.model, name))

@@ -243,3 +243,36 @@ def test_late_vqa_fusion_reads_the_question_directly(tmp_path):
         model.vqa_logits(fused)
     model.save_pretrained(tmp_path / "m")
     torch.testing.assert_close(MMModel.from_pretrained(tmp_path / "m").vqa_logits(fused, text, mask), out)
+
+
+def test_reader_vqa_fusion_lets_the_question_tokens_look_at_the_patches(tmp_path):
+    from mm.models.model import MMModel
+    from mm.models.presets import create_model
+    from mm.models.text_encoder import masked_mean
+
+    torch.manual_seed(0)
+    model = create_model("debug", vqa_fusion="reader").eval()
+    model.set_vqa_answers(4)
+    assert len(model.vqa_reader) == model.config.decoder_depth
+    fused = torch.randn(2, 16, model.config.width)
+    text, mask = torch.randn(2, 5, model.config.width), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    out = model.vqa_logits(fused, text, mask)
+    r = text  # naive reference: the blocks one by one, question padding masked in self-attention
+    for blk in model.vqa_reader:
+        r = blk(r, fused, key_mask=mask)
+    torch.testing.assert_close(out, model.vqa_head(torch.cat([fused.mean(1), masked_mean(r, mask)], -1)))
+    other = text.clone()
+    other[0, 3:] = 100.0  # padding is neither read nor pooled
+    torch.testing.assert_close(model.vqa_logits(fused, other, mask)[0], out[0])
+    moved = fused.clone()
+    moved[:, 3] += 5.0  # one patch changes: the question tokens see it through cross-attention
+    reread = text
+    for blk in model.vqa_reader:
+        reread = blk(reread, moved, key_mask=mask)
+    assert (masked_mean(reread, mask) - masked_mean(r, mask)).abs().max() > 1e-3
+    model.save_pretrained(tmp_path / "m")
+    torch.testing.assert_close(MMModel.from_pretrained(tmp_path / "m").vqa_logits(fused, text, mask), out)
+    plain = create_model("debug")  # a pretrained model without a reader gets one at VQA fine-tuning
+    plain.config.vqa_fusion = "reader"
+    plain.set_vqa_answers(3)
+    assert plain.vqa_logits(fused, text, mask).shape == (2, 3)
