@@ -50,7 +50,7 @@ class ModelConfig:
     decoder_depth: int | None = None  # TextDecoder blocks (captions, generative VQA)
     dropout: float = 0.0
     text_heads: int | None = None  # builtin text encoder heads
-    mlp: str = ""  # gelu | swiglu; empty = preset's
+    mlp: str = ""  # gelu | gelu_exact | swiglu; empty = preset's
     norm: str = ""  # layernorm | rmsnorm; empty = preset's
     image_pos: str = ""  # rope2d | learned; empty = preset's
     patch_stem: str = ""  # linear | conv (3x3 stride-2 convolutions before the backbone); empty = preset's (linear)
@@ -410,6 +410,7 @@ def validate(cfg: Config) -> Config:
         ("model.vqa_pool", cfg.model.vqa_pool in ("", "mean", "max", "attn"), "must be mean, max or attn"),
         ("model.vqa_fusion", cfg.model.vqa_fusion in ("", "fused", "late", "reader"), "must be fused, late or reader"),
         ("model.patch_stem", cfg.model.patch_stem in ("", "linear", "conv"), "must be linear or conv"),
+        ("model.mlp", cfg.model.mlp in ("", "gelu", "gelu_exact", "swiglu"), "must be gelu, gelu_exact or swiglu"),
         ("classify.label_smoothing", 0.0 <= cfg.classify.label_smoothing < 1.0, "must be in [0, 1)"),
         ("detect.label", cfg.detect.label in ("shape", "shape_color", "category"),
          "must be shape, shape_color or category"),

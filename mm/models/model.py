@@ -61,7 +61,7 @@ class MMConfig:
     text_max_len: int = 32
     text_encoder: str = "builtin"  # "builtin" or the local Hugging Face folder it was loaded from
     text_encoder_config: dict | None = None  # HF config dict, filled at load; rebuilds the architecture
-    freeze_text_encoder: bool = False
+    freeze_text_encoder: bool = False  # only the projection to the backbone width trains (either encoder)
     text_width: int = 256  # builtin encoder only
     text_depth: int = 4
     text_heads: int = 4
@@ -69,7 +69,7 @@ class MMConfig:
     depth: int = 6
     heads: int = 4
     mlp_ratio: float = 4.0
-    mlp: str = "gelu"  # gelu | swiglu
+    mlp: str = "gelu"  # gelu (tanh approximation) | gelu_exact (erf; cheaper on CPU) | swiglu
     norm: str = "layernorm"  # layernorm | rmsnorm
     dropout: float = 0.0
     image_size: int = 32
@@ -147,7 +147,7 @@ class MMModel(nn.Module):
         self.apply(self._init_weights)  # before the HF encoder exists, so pretrained weights stay
         if c.text_encoder == "builtin":
             self.text_encoder = BuiltinTextEncoder(c.vocab_size, c.text_width, c.text_depth, c.text_heads,
-                                                   c.text_max_len, c.width, **blocks)
+                                                   c.text_max_len, c.width, **blocks, freeze=c.freeze_text_encoder)
             self.text_encoder.apply(self._init_weights)
         else:
             self.text_encoder = HFTextEncoder(c.width, c.text_encoder, c.text_encoder_config,

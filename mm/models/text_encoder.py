@@ -46,7 +46,8 @@ class BuiltinTextEncoder(nn.Module):
     """Bidirectional Transformer over token ids, trained from scratch."""
 
     def __init__(self, vocab_size: int, width: int, depth: int, heads: int, max_len: int, out_dim: int,
-                 mlp_ratio: float = 4.0, mlp: str = "gelu", norm: str = "layernorm", dropout: float = 0.0):
+                 mlp_ratio: float = 4.0, mlp: str = "gelu", norm: str = "layernorm", dropout: float = 0.0,
+                 freeze: bool = False):
         super().__init__()
         self.max_len = max_len
         self.tok = nn.Embedding(vocab_size, width)
@@ -56,6 +57,9 @@ class BuiltinTextEncoder(nn.Module):
         self.norm = make_norm(norm, width)
         self.proj = nn.Linear(width, out_dim)  # to the backbone width
         self.grad_checkpointing = False
+        if freeze:  # all but the projection keep their (random or loaded) values
+            for part in (self.tok, self.blocks, self.norm):
+                part.requires_grad_(False)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         mask = _check_ids(input_ids, attention_mask)  # (B, L) bool

@@ -49,16 +49,21 @@ def make_norm(kind: str, dim: int) -> nn.Module:
     raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {kind!r}")
 
 
+MLPS = ("gelu", "gelu_exact", "swiglu")
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward: GELU (fc → GELU → proj) or SwiGLU (silu(x W1) * (x W2) → proj).
 
-    SwiGLU computes W1 and W2 in one fused matmul. ``hidden`` is the inner width.
+    ``gelu`` is the tanh approximation (GPT-2; what older mm models were trained with), ``gelu_exact``
+    the erf form (BERT/BART), about half the cost of the tanh one on CPU. SwiGLU computes W1 and W2
+    in one fused matmul. ``hidden`` is the inner width.
     """
 
     def __init__(self, dim: int, hidden: int, kind: str = "gelu", bias: bool = True, dropout: float = 0.0):
         super().__init__()
-        if kind not in ("gelu", "swiglu"):
-            raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {kind!r}")
+        if kind not in MLPS:
+            raise ValueError(f"mlp must be one of {', '.join(MLPS)}, got {kind!r}")
         self.kind = kind
         self.fc = nn.Linear(dim, hidden * (2 if kind == "swiglu" else 1), bias=bias)
         self.proj = nn.Linear(hidden, dim, bias=bias)
@@ -70,7 +75,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu" else "none")
         return self.drop(self.proj(h))
 
 

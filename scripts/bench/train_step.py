@@ -23,7 +23,10 @@ FLOPs of the GELU MLPs of mm and BART at the same width: compare FLOP/s fraction
 warm-up steps, is not timed, and its time is reported. The ratio to the faster peer is given for
 eager mm and for mm's best setting.
 
-    python scripts/bench/train_step.py [--quick] [--compile] [--json OUT]
+``--mm-mlp gelu_exact`` builds mm with the erf GELU (``model.mlp=gelu_exact``) instead of the
+tanh approximation mm's presets use; BART's activation is the erf form.
+
+    python scripts/bench/train_step.py [--quick] [--compile] [--mm-mlp gelu_exact] [--json OUT]
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--quick", action="store_true", help="batch 4, 2 timed steps, 1 warm-up (a smoke run)")
+    p.add_argument("--mm-mlp", default="gelu", choices=["gelu", "gelu_exact", "swiglu"],
+                   help="mm's MLP (model.mlp): tanh GELU (the presets), erf GELU or SwiGLU")
     p.add_argument("--compile", action="store_true", help="also time mm with compiled blocks (train.compile=true)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--json", default="", help="write the figures here")
@@ -79,7 +84,7 @@ def build_mm(a):
     side = math.isqrt(a.image_len)
     cfg = MMConfig(vocab_size=a.vocab, text_max_len=a.text_len, text_width=a.width, text_depth=a.text_depth,
                    text_heads=a.heads, width=a.width, depth=a.depth, heads=a.heads, mlp_ratio=a.mlp / a.width,
-                   codebook_size=a.vocab, code_grid=[side, side], decoder_depth=1, embed_dim=a.width)
+                   codebook_size=a.vocab, code_grid=[side, side], decoder_depth=1, embed_dim=a.width, mlp=a.mm_mlp)
     model = MMModel(cfg)
 
     def loss_fn(batch):

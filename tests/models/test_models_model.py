@@ -276,3 +276,24 @@ def test_reader_vqa_fusion_lets_the_question_tokens_look_at_the_patches(tmp_path
     plain.config.vqa_fusion = "reader"
     plain.set_vqa_answers(3)
     assert plain.vqa_logits(fused, text, mask).shape == (2, 3)
+
+
+def test_frozen_builtin_text_encoder_trains_only_its_projection(tmp_path):
+    from mm.models.model import MMModel
+    from mm.models.presets import create_model
+
+    torch.manual_seed(0)
+    model = create_model("debug", freeze_text_encoder=True)
+    enc = model.text_encoder
+    frozen = {n for n, p in enc.named_parameters() if not p.requires_grad}
+    assert frozen and all(not n.startswith("proj.") for n in frozen)
+    assert all(p.requires_grad for p in enc.proj.parameters())
+    ids = torch.randint(3, model.config.vocab_size, (2, 6))
+    states, _ = model.encode_text(ids, torch.ones_like(ids, dtype=torch.bool))
+    states.square().mean().backward()
+    assert all(p.grad is None for n, p in enc.named_parameters() if n in frozen)
+    assert enc.proj.weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path / "m")  # the flag is in config.json: a reload is frozen too
+    again = MMModel.from_pretrained(tmp_path / "m")
+    assert {n for n, p in again.text_encoder.named_parameters() if not p.requires_grad} == frozen
+    assert all(p.requires_grad for p in create_model("debug").text_encoder.parameters())

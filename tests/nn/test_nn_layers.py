@@ -28,6 +28,19 @@ def test_swiglu_matches_formula():
     torch.testing.assert_close(mlp(x), want)
 
 
+def test_gelu_mlps_are_the_tanh_and_the_erf_forms():
+    x = torch.randn(2, 3, 8) * 3
+    tanh, exact = MLP(8, 12, "gelu"), MLP(8, 12, "gelu_exact")
+    exact.load_state_dict(tanh.state_dict())  # same weights: the two differ only in the activation
+    h = x @ tanh.fc.weight.T + tanh.fc.bias
+    for mlp, form in ((tanh, 0.5 * h * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (h + 0.044715 * h ** 3)))),
+                      (exact, 0.5 * h * (1 + torch.erf(h / 2 ** 0.5)))):
+        torch.testing.assert_close(mlp(x), form @ mlp.proj.weight.T + mlp.proj.bias)
+    assert (tanh(x) - exact(x)).abs().max() > 1e-5
+    with pytest.raises(ValueError, match="gelu_exact"):
+        MLP(8, 12, "relu")
+
+
 def test_block_residuals_and_optional_cross_attention():
     blk = Block(16, 4, context_dim=10).eval()
     x, c = torch.randn(2, 5, 16), torch.randn(2, 3, 10)
