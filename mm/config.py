@@ -52,7 +52,7 @@ class ModelConfig:
     text_heads: int | None = None  # builtin text encoder heads
     mlp: str = ""  # gelu | gelu_exact | swiglu; empty = preset's
     norm: str = ""  # layernorm | rmsnorm; empty = preset's
-    image_pos: str = ""  # rope2d | learned; empty = preset's
+    image_pos: str = ""  # rope2d | learned | both; empty = preset's
     patch_stem: str = ""  # linear | conv (3x3 stride-2 convolutions before the backbone); empty = preset's (linear)
     init: str = ""  # gpt | torch (weight init when training from scratch); empty = preset's (gpt)
     itm_pool: str = ""  # mean | max | attn: how the ITM head reads the fused states; empty = preset's (mean)
@@ -410,6 +410,7 @@ def validate(cfg: Config) -> Config:
         ("model.vqa_pool", cfg.model.vqa_pool in ("", "mean", "max", "attn"), "must be mean, max or attn"),
         ("model.vqa_fusion", cfg.model.vqa_fusion in ("", "fused", "late", "reader"), "must be fused, late or reader"),
         ("model.patch_stem", cfg.model.patch_stem in ("", "linear", "conv"), "must be linear or conv"),
+        ("model.image_pos", cfg.model.image_pos in ("", "rope2d", "learned", "both"), "must be rope2d, learned or both"),
         ("model.mlp", cfg.model.mlp in ("", "gelu", "gelu_exact", "swiglu"), "must be gelu, gelu_exact or swiglu"),
         ("classify.label_smoothing", 0.0 <= cfg.classify.label_smoothing < 1.0, "must be in [0, 1)"),
         ("detect.label", cfg.detect.label in ("shape", "shape_color", "category"),

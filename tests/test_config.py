@@ -140,7 +140,8 @@ def test_mixed_precision_auto_follows_native_bf16(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("override", ["model.vqa_pool=cls", "model.itm_pool=sum", "model.vqa_fusion=early",
-                                      "model.patch_stem=resnet", "model.mlp=relu"])
+                                      "model.patch_stem=resnet", "model.mlp=relu",
+                                      "model.image_pos=sinusoidal"])
 def test_model_head_and_stem_options_are_checked_at_load(tmp_path, override):
     path = tmp_path / "c.yaml"
     path.write_text("run:\n  dir: x\n")

@@ -5,8 +5,8 @@
     codes  (B, h, w)    ─► CodeEmbed  ─┘                       (generation: causal, raster order)
 
 Each backbone block is self-attention → cross-attention to the text states → MLP (mm.nn.Block).
-Image tokens get 2D positions: 2D RoPE over their grid (default) or a learned table per grid
-cell. Patches and codes may have different grids (e.g. 4-px patches vs. 8× downsampled codes),
+Image tokens get 2D positions: 2D RoPE over their grid (default), a learned table per grid
+cell, or both (see GridPositions). Patches and codes may have different grids (e.g. 4-px patches vs. 8× downsampled codes),
 so each embedding owns the positions of its grid and returns them with the tokens.
 
 Generation input is [start] + codes[:-1] in raster order; input token n predicts code n, and it
@@ -27,24 +27,34 @@ from mm.nn.layers import Block, make_norm
 from mm.nn.position import LearnedPositions, RoPE2D
 
 
+IMAGE_POSITIONS = ("rope2d", "learned", "both")
+
+
 class GridPositions(nn.Module):
-    """Positions of an h×w token grid: 2D RoPE tables or an additive learned table, by flat index."""
+    """Positions of an h×w token grid, by flat index: 2D RoPE tables (``rope2d``), an additive
+    learned table (``learned``) or both (``both``).
+
+    RoPE alone makes bidirectional attention translation-equivariant: pooled patch states then
+    carry no absolute position, and "where is the red circle?" cannot be answered. (Causal
+    generation has its anchor: the start token sits at cell (0, 0).) ``both`` adds the absolute
+    table and keeps RoPE's relative bias in attention.
+    """
 
     def __init__(self, kind: str, dim: int, heads: int, height: int, width: int):
         super().__init__()
-        if kind not in ("rope2d", "learned"):
-            raise MMError(f"image positions must be 'rope2d' or 'learned', got {kind!r}")
+        if kind not in IMAGE_POSITIONS:
+            raise MMError(f"image positions must be one of {', '.join(IMAGE_POSITIONS)}, got {kind!r}")
         self.kind = kind
-        if kind == "rope2d":
+        if kind in ("rope2d", "both"):
             self.rope = RoPE2D(dim // heads, height, width)
-        else:
+        if kind in ("learned", "both"):
             self.table = LearnedPositions(height * width, dim)
 
     def forward(self, x: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """x (B, T, D), positions (T,) flat grid indices -> (x [+ learned], rope tables or None)."""
-        if self.kind == "rope2d":
-            return x, self.rope.full(positions)  # full-width (T, d) tables: see mm.nn.position
-        return x + self.table(positions), None
+        if self.kind != "rope2d":
+            x = x + self.table(positions)
+        return x, (self.rope.full(positions) if self.kind != "learned" else None)  # full-width (T, d) tables
 
 
 class PatchEmbed(nn.Module):

@@ -75,7 +75,7 @@ class MMConfig:
     image_size: int = 32
     channels: int = 3
     patch_size: int = 4
-    image_pos: str = "rope2d"  # rope2d | learned
+    image_pos: str = "rope2d"  # rope2d | learned | both (mm.models.backbone.GridPositions)
     patch_stem: str = "linear"  # linear (ViT) | conv (3x3 stride-2 convolutions; mm.models.backbone.PatchEmbed)
     codebook_size: int = 512  # K of the VQ tokenizer
     code_grid: list[int] = field(default_factory=lambda: [8, 8])  # (h, w) of the VQ code grid

@@ -24,7 +24,8 @@ def text(model, lengths=(5, 3, 1)):
     return ids, mask
 
 
-@pytest.mark.parametrize("kind,pos", [("static", "rope2d"), ("dynamic", "rope2d"), ("static", "learned")])
+@pytest.mark.parametrize("kind,pos", [("static", "rope2d"), ("dynamic", "rope2d"), ("static", "learned"),
+                                      ("static", "both")])
 def test_t2i_with_kv_cache_equals_full_forward(kind, pos):
     model = create_model("debug", code_grid=[3, 4], image_pos=pos).eval()
     ids, mask = text(model)
@@ -297,3 +298,23 @@ def test_frozen_builtin_text_encoder_trains_only_its_projection(tmp_path):
     again = MMModel.from_pretrained(tmp_path / "m")
     assert {n for n, p in again.text_encoder.named_parameters() if not p.requires_grad} == frozen
     assert all(p.requires_grad for p in create_model("debug").text_encoder.parameters())
+
+
+def test_image_pos_both_adds_the_learned_table_and_keeps_rope():
+    from mm.models.backbone import GridPositions
+
+    torch.manual_seed(0)
+    x, cells = torch.randn(2, 6, 16), torch.arange(6)
+    rope_only, learned, both = (GridPositions(k, 16, 4, 2, 3) for k in ("rope2d", "learned", "both"))
+    both.table.load_state_dict(learned.table.state_dict())
+    y_rope, tables = rope_only(x, cells)
+    y_learned, none = learned(x, cells)
+    y_both, tables_both = both(x, cells)
+    assert torch.equal(y_rope, x) and none is None
+    torch.testing.assert_close(y_both, y_learned)  # the same additive table
+    assert not torch.allclose(y_both, x)
+    for a, b in zip(tables, tables_both):  # and the same rotation tables
+        torch.testing.assert_close(a, b)
+    model = create_model("debug", image_pos="both")
+    size = model.config.image_size
+    assert model.image_states(torch.rand(1, 3, size, size)).shape[1] == model.patch_embed.grid ** 2
