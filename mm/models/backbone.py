@@ -34,10 +34,9 @@ class GridPositions(nn.Module):
     """Positions of an h×w token grid, by flat index: 2D RoPE tables (``rope2d``), an additive
     learned table (``learned``) or both (``both``).
 
-    RoPE alone makes bidirectional attention translation-equivariant: pooled patch states then
-    carry no absolute position, and "where is the red circle?" cannot be answered. (Causal
-    generation has its anchor: the start token sits at cell (0, 0).) ``both`` adds the absolute
-    table and keeps RoPE's relative bias in attention.
+    RoPE alone gives attention relative offsets only; absolute cells reach bidirectional patch
+    states through the grid's edges (causal generation also has the start token at (0, 0)).
+    ``both`` adds the absolute table and keeps RoPE's relative bias in attention.
     """
 
     def __init__(self, kind: str, dim: int, heads: int, height: int, width: int):
