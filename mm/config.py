@@ -101,6 +101,7 @@ class DataConfig:
     shapes_val: int = 500
     shapes_cache: str = ""  # where built-in shards are written; empty = ~/.cache/mm
     val_samples: int = 512  # validation samples used per evaluation
+    vqa_balance: float = 0.0  # vqa training: question-type frequencies f -> f^(1 - this); 1 = all types equal
 
 
 @dataclass
@@ -396,6 +397,7 @@ def validate(cfg: Config) -> Config:
         ("data.image_size", cfg.data.image_size >= 8, "must be >= 8"),
         ("data.text_max_len", cfg.data.text_max_len >= 4, "must be >= 4"),
         ("data.num_workers", cfg.data.num_workers >= 0, "must be >= 0"),
+        ("data.vqa_balance", 0.0 <= cfg.data.vqa_balance <= 1.0, "must be in [0, 1] (0 off, 1 all question types equal)"),
         ("vq.downsample", cfg.vq.downsample in (4, 8, 16), "must be 4, 8 or 16"),
         ("vq.codebook_size", cfg.vq.codebook_size >= 2, "must be >= 2"),
         ("vq.quantizer", cfg.vq.quantizer in ("l2", "ema"), "must be l2 or ema"),

@@ -48,6 +48,7 @@ def test_override_types():
     ("train.batch_size=0", "train.batch_size"),
     ("train.mixed_precision=fp8", "no, bf16, fp16 or auto"),
     ("run.stage=finetune", "run.stage"),
+    ("data.vqa_balance=2", "data.vqa_balance"),
 ])
 def test_bad_overrides_are_one_line_errors(override, needle):
     with pytest.raises(MMError) as e:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mm.data.shards import expand_shards, questions_of, read_sizes
+from mm.data.shards import expand_shards, qa_question_type, questions_of, read_sizes
 from mm.data.transforms import check_sample, image_key, load_image, sample_seed, to_tensor
 from mm.errors import MMError
 
@@ -65,6 +65,7 @@ class _Plan:
     train: bool
     batches_per_epoch: int | None
     start_batch: int
+    keep: tuple[tuple[str, float], ...] = ()  # vqa train: question type -> keep probability
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def _expand_vqa(sample: dict):
     for q, qa in enumerate(questions_of(sample["meta"])):
         answers = [str(a) for a in qa.get("answers", [])]
         yield {**sample, "question": str(qa.get("question", "")), "answers": answers,
-               "answer_type": str(qa.get("answer_type", "")),
+               "answer_type": str(qa.get("answer_type", "")), "question_type": qa_question_type(qa),
                "question_id": f"{sample['__key__']}_{q}"}
 
 
@@ -201,6 +202,29 @@ def _group_samples(plan: _Plan, source: int, epoch: int, slot: int, counts: Coun
                           "with `mm data inspect` or use fewer workers")
 
 
+def _thin(items, keep: dict[str, float], rng: random.Random):
+    """Keep each item with its question type's probability (1 for types not listed)."""
+    for item in items:
+        p = keep.get(item.get("question_type", ""), 1.0)
+        if p >= 1.0 or rng.random() < p:
+            yield item
+
+
+def question_type_keep(sources: list[str], alpha: float) -> dict[str, float]:
+    """Keep probabilities that reshape question-type frequencies f_t into f_t^(1 - alpha).
+
+    Keeping a type-t question with probability (f_min / f_t)^alpha leaves the types in proportion
+    f_t^(1 - alpha): alpha 0 is the data as it is, alpha 1 every type equally often. Counted
+    over the metadata of ``sources`` (every rank counts the same shards, so all agree).
+    """
+    counts = Counter(qa_question_type(qa) for meta in shard_metadata(sources)
+                     for qa in (questions_of(meta) or []) if isinstance(qa, dict))
+    if not counts:
+        raise MMError(f"no VQA questions in {', '.join(sources)}; data.vqa_balance needs VQA shards")
+    least = min(counts.values())
+    return {t: (least / n) ** alpha for t, n in sorted(counts.items())}
+
+
 def _mix(streams: list, weights: tuple[float, ...], rng: random.Random):
     if len(streams) == 1:
         yield from streams[0]
@@ -233,6 +257,9 @@ def _train_batches(plan: _Plan, worker: int):
         if len(mine):
             streams = [_items(_group_samples(plan, s, epoch, slot, counts), plan, counts)
                        for s in range(len(plan.sources))]
+            if plan.keep:
+                streams = [_thin(st, dict(plan.keep), random.Random(sample_seed(plan.seed, "thin", s, epoch, slot)))
+                           for s, st in enumerate(streams)]
             mixed = _mix(streams, plan.weights, random.Random(sample_seed(plan.seed, "mix", epoch, slot)))
             items = _shuffle(mixed, min(plan.shuffle_buffer, len(mine) * B),
                              random.Random(sample_seed(plan.seed, "shuffle", epoch, slot)))
@@ -314,7 +341,7 @@ def _collate(plan: _Plan, items: list[dict], epoch: int, counts: Counter) -> dic
     if plan.tokenizer is not None:
         batch["input_ids"], batch["attention_mask"] = plan.tokenizer.encode(batch["caption"], plan.text_max_len)
     if plan.mode == "vqa":
-        for field in ("question", "answers", "answer_type", "question_id"):
+        for field in ("question", "answers", "answer_type", "question_type", "question_id"):
             batch[field] = [it[field] for it in items]
         if plan.tokenizer is not None:
             batch["question_ids"], batch["question_mask"] = plan.tokenizer.encode(batch["question"],
@@ -453,13 +480,16 @@ def _batches_per_epoch(sizes: list[list[int | None]], urls: list[list[str]], *, 
 def make_loader(sources: list[str], *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                 num_workers: int = 0, weights: list[float] | None = None, shuffle_buffer: int = 1000,
                 image_size: int = 32, augment: bool = False, tokenizer=None, text_max_len: int = 32,
-                mode: str = "caption", train: bool = True, start_batch: int = 0) -> Loader:
+                mode: str = "caption", train: bool = True, start_batch: int = 0,
+                balance: float = 0.0) -> Loader:
     """A deterministic, resumable loader over one or more shard sets (see the module docstring).
 
     ``sources``: shard specs (folder, brace pattern, glob, tar, ``pipe:`` URL), one per mixture
     component. ``mode``: "image" (pixels only), "caption" (needs a caption) or "vqa" (one item
     per question). ``train``: endless resampled stream with fixed-length epochs, or one ordered
     pass split by rank. ``start_batch``: continue exactly from this batch of this rank's stream.
+    ``balance``: vqa train only, flatten question-type frequencies f_t to f_t^(1 - balance) by
+    thinning the frequent types (see ``question_type_keep``); epochs keep their length in batches.
     In eval mode ``batches_per_epoch`` is the expected count; corrupt samples make it smaller.
     """
     if isinstance(sources, str):
@@ -472,6 +502,8 @@ def make_loader(sources: list[str], *, batch_size: int, seed: int, rank: int = 0
         raise MMError("batch_size, image_size and shuffle_buffer must be >= 1, num_workers and "
                       f"start_batch >= 0 (got {batch_size}, {image_size}, {shuffle_buffer}, "
                       f"{num_workers}, {start_batch})")
+    if not 0.0 <= balance <= 1.0:
+        raise MMError(f"data.vqa_balance must be between 0 (off) and 1 (every question type equally often), got {balance}")
     if not 0 <= rank < world_size:
         raise MMError(f"rank {rank} is outside world size {world_size}")
     weights = list(weights) if weights else [1.0] * len(sources)
@@ -487,4 +519,6 @@ def make_loader(sources: list[str], *, batch_size: int, seed: int, rank: int = 0
                  num_workers=max(1, num_workers), shuffle_buffer=shuffle_buffer, image_size=image_size,
                  augment=augment, tokenizer=tokenizer, text_max_len=text_max_len, mode=mode, train=train,
                  batches_per_epoch=bpe, start_batch=start_batch)
+    if balance > 0 and train and mode == "vqa":
+        plan = replace(plan, keep=tuple(question_type_keep(sources, balance).items()))
     return Loader(plan, num_workers)

@@ -195,5 +195,16 @@ def questions_of(meta) -> list | None:
     if isinstance(meta.get("qa"), list):
         return meta["qa"]
     if "question" in meta and "answers" in meta:
-        return [{k: meta[k] for k in ("question", "answers", "answer_type") if k in meta}]
+        return [{k: meta[k] for k in ("question", "answers", "answer_type", "question_type") if k in meta}]
     return None
+
+
+def question_type_of(question: str) -> str:
+    """A question type for data that has none: its first two words ("what color", "how many")."""
+    words = question.lower().replace("?", " ").split()
+    return " ".join(words[:2]) if words else "none"
+
+
+def qa_question_type(qa: dict) -> str:
+    """The question type a qa dict names, or the first two words of its question."""
+    return str(qa.get("question_type") or question_type_of(str(qa.get("question", ""))))

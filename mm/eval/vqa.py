@@ -31,6 +31,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from mm.data.shards import qa_question_type
 from mm.errors import MMError
 
 # --- The official normalisation tables ------------------------------------------------------
@@ -242,12 +243,6 @@ def evaluate_vqa(results: list, annotations: dict, questions: dict | None = None
 
 # --- Form (b): answers from a model on VQA shards -------------------------------------------
 
-def question_type_of(question: str) -> str:
-    """A question type for data that has none: its first two words ("what color", "how many")."""
-    words = question.lower().replace("?", " ").split()
-    return " ".join(words[:2]) if words else "none"
-
-
 def iter_vqa_shards(data: str):
     """Yield (image bytes, image extension, sample key, qa dict) for every question in the shards.
 
@@ -280,7 +275,7 @@ def vqa_files_from_samples(samples) -> tuple[dict, dict, list]:
         qs.append({"question_id": qid, "image_id": image_id, "question": qa["question"], "key": key})
         anns.append({
             "question_id": qid, "image_id": image_id,
-            "question_type": qa.get("question_type") or question_type_of(qa["question"]),
+            "question_type": qa_question_type(qa),
             "answer_type": qa.get("answer_type", "other"),
             "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
                         for i, a in enumerate(qa["answers"])],

@@ -163,6 +163,7 @@ def make_loader(cfg: Config, task, accelerator, *, train: bool, start_batch: int
         mode=getattr(task, "data_mode", "caption"),
         train=train,
         start_batch=start_batch,
+        balance=cfg.data.vqa_balance,
     )
 
 

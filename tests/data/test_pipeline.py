@@ -240,6 +240,45 @@ def test_vqa_mode_one_item_per_question(tmp_path):
     assert list(odd) == [] and odd.skipped == {"bad_json": 1}
 
 
+def skewed_vqa_shards(folder: Path) -> str:
+    """Two question types, "common" three times as frequent as "rare" (4 questions per image)."""
+    with ShardWriter(folder, "shards", samples_per_shard=15) as w:
+        for j in range(30):
+            qa = [{"question": f"{t} {q} of {j}?", "answers": ["x"] * 10, "question_type": t}
+                  for q, t in enumerate(["common", "common", "common", "rare"])]
+            w.write({"__key__": f"s{j:03d}", "png": png(j), "txt": "x", "json": {"qa": qa}})
+    return str(folder)
+
+
+def test_vqa_balance_flattens_question_types_and_resumes_exactly(tmp_path):
+    from mm.data.pipeline import question_type_keep
+
+    data = skewed_vqa_shards(tmp_path)
+    assert question_type_keep([data], 1.0) == {"common": pytest.approx(1 / 3), "rare": 1.0}
+    assert question_type_keep([data], 0.5) == {"common": pytest.approx(3 ** -0.5), "rare": 1.0}
+    kw = {"batch_size": 8, "seed": 3, "mode": "vqa", "shuffle_buffer": 16, "image_size": 8}
+
+    def share_of_rare(loader, n=40):
+        types = [t for b in islice(loader, n) for t in b["question_type"]]
+        return types.count("rare") / len(types)
+
+    assert 0.18 < share_of_rare(make_loader([data], **kw)) < 0.32  # as written: 1 in 4
+    assert 0.42 < share_of_rare(make_loader([data], balance=1.0, **kw)) < 0.58  # flat
+    # f^(1/2): rare 1 / (1 + sqrt 3) = 0.37
+    assert 0.30 < share_of_rare(make_loader([data], balance=0.5, **kw)) < 0.44
+    full = [b["question_id"] for b in islice(make_loader([data], balance=1.0, **kw), 30)]
+    assert full != [b["question_id"] for b in islice(make_loader([data], **kw), 30)]
+    resumed = make_loader([data], balance=1.0, start_batch=17, **kw)
+    assert [b["question_id"] for b in islice(resumed, 13)] == full[17:]
+    # an eval pass is never thinned: every question once
+    val = make_loader([data], balance=1.0, **{**kw, "train": False})
+    assert sum(len(b["question_id"]) for b in val) == 120
+    with pytest.raises(MMError, match="vqa_balance"):
+        make_loader([data], balance=1.5, **kw)
+    with pytest.raises(MMError, match="no VQA questions"):
+        make_loader(write_shards(tmp_path / "plain", [3])[:1], balance=1.0, **kw)
+
+
 def test_codes_passthrough(tmp_path):
     write_shards(tmp_path, [5], codes=True)
     batch = next(iter(make_loader([str(tmp_path)], batch_size=5, seed=0, train=False)))
