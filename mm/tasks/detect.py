@@ -261,26 +261,8 @@ class DetectTask:
         return loss, metrics
 
     @torch.no_grad()
-    def predict(self, batches) -> tuple[list[dict], list[dict]]:
-        """(targets, detections) per validation image, xyxy in pixels of the model input."""
-        size = float(self.model.image_size)
-        targets, detections = [], []
-        for batch in batches:
-            for t in self.targets(batch):
-                targets.append({"boxes": (cxcywh_to_xyxy(t["boxes"]) * size).numpy(), "labels": t["labels"].numpy()})
-            detections += [{k: v.float().numpy() if k != "labels" else v.numpy() for k, v in det.items()}
-                           for det in self.model.detect(batch["image"])]
-        return targets, detections
-
     def validate(self, batches) -> dict[str, float]:
-        targets, detections = self.predict(batches)
-        if not targets:
-            return {}
-        m = detection_map(targets, detections, len(self.classes), self.classes)
-        out = {"map": m["map"], "map_50": m["map_50"], "map_75": m["map_75"], "images": float(m["images"])}
-        for name, ap in m["ap_per_class"].items():
-            out[f"ap_{name.replace(' ', '_').replace('/', '_')}"] = ap
-        return out
+        return evaluate_detector(self.model, batches, self.targets)
 
     def images(self, batch: dict, max_images: int = 8) -> dict:
         was = self.model.training
@@ -293,6 +275,27 @@ class DetectTask:
 
     def export(self, out_dir: str | Path) -> None:
         self.model.save_pretrained(out_dir)
+
+
+@torch.no_grad()
+def evaluate_detector(model: Detector, batches, targets_of) -> dict[str, float]:
+    """COCO mAP@[.5:.95], mAP@.5, mAP@.75 and AP per class (``ap_NAME``) of ``model`` over image
+    batches, boxes xyxy in pixels of the model input; ``targets_of(batch)`` gives each image's
+    {"labels", "boxes" cxcywh in [0, 1]}. {} when there are no images."""
+    size = float(model.image_size)
+    targets, detections = [], []
+    for batch in batches:
+        for t in targets_of(batch):
+            targets.append({"boxes": (cxcywh_to_xyxy(t["boxes"]) * size).numpy(), "labels": t["labels"].numpy()})
+        detections += [{k: v.float().numpy() if k != "labels" else v.numpy() for k, v in det.items()}
+                       for det in model.detect(batch["image"])]
+    if not targets:
+        return {}
+    m = detection_map(targets, detections, len(model.class_names), model.class_names)
+    out = {"map": m["map"], "map_50": m["map_50"], "map_75": m["map_75"], "images": float(m["images"])}
+    for name, ap in m["ap_per_class"].items():
+        out[f"ap_{name.replace(' ', '_').replace('/', '_')}"] = ap
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

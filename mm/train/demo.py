@@ -1,12 +1,16 @@
 """``mm demo [--out DIR] [--fast]``: the whole pipeline on the built-in shapes data, offline.
 
-    [1/7] data      write the shapes shards into DIR/data (the demo's own cache: self-contained)
-    [2/7] vq        train the VQ image tokenizer                        -> DIR/vq/final
-    [3/7] codes     add the VQ codes of every image to the shards         -> DIR/data/codes/{train,val}
-    [4/7] pretrain  ITC + ITM + captioning + text-to-image, reading codes -> DIR/pretrain/final
-    [5/7] generate  images for the held-out prompts, scored by the shapes detector
-    [6/7] vqa       fine-tune the pretrained model on the shapes questions -> DIR/vqa/final
-    [7/7] evaluate  VQ PSNR/usage, retrieval, captions (CIDEr-D), VQA accuracy on the test split
+    [1/9] data      write the shapes shards into DIR/data (the demo's own cache: self-contained)
+    [2/9] vq        train the VQ image tokenizer                        -> DIR/vq/final
+    [3/9] codes     add the VQ codes of every image to the shards         -> DIR/data/codes/{train,val}
+    [4/9] pretrain  ITC + ITM + captioning + text-to-image, reading codes -> DIR/pretrain/final
+    [5/9] generate  images for the held-out prompts, scored by the shapes detector
+    [6/9] vqa       fine-tune the pretrained model on the shapes questions -> DIR/vqa/final
+    [7/9] classify  fine-tune the pretrained backbone to name the shape of one-object images
+                                                                          -> DIR/classify/final
+    [8/9] detect    DETR object detection (boxes + shape) on the shapes images -> DIR/detect/final
+    [9/9] evaluate  VQ PSNR/usage, retrieval, captions (CIDEr-D), VQA accuracy, classification
+                    top-1, detection mAP on the test split
 
 then ``DIR/report.json`` and ``DIR/report.md`` (mm.train.report). Every stage calls the library
 directly with a config from ``configs/demo/`` (``STAGE.yaml``, or ``STAGE_fast.yaml`` with
@@ -30,7 +34,7 @@ from pathlib import Path
 from mm.config import Config, load_config
 from mm.errors import MMError
 
-STAGES = ("data", "vq", "codes", "pretrain", "generate", "vqa", "evaluate")
+STAGES = ("data", "vq", "codes", "pretrain", "generate", "vqa", "classify", "detect", "evaluate")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
 
 # Sampling for the held-out prompt grid and the compositional score.
@@ -181,11 +185,23 @@ class Demo:
         cfg.run.init_from, cfg.vqa.pretrain_config = str(self.out / "pretrain" / "final"), ""
         return self._train(cfg)
 
+    def stage_classify(self) -> dict:
+        data = self.result("data")
+        cfg = self.stage_config("classify", self.out / "classify", data["train"], data["val"])
+        cfg.run.init_from = str(self.out / "pretrain" / "final")  # the shared backbone, pretrained
+        return self._train(cfg)
+
+    def stage_detect(self) -> dict:
+        data = self.result("data")
+        cfg = self.stage_config("detect", self.out / "detect", data["train"], data["val"])
+        return self._train(cfg)
+
     def stage_evaluate(self) -> dict:
         from mm.train.report import evaluate_all
 
         return evaluate_all(self.out, self.result("data")["test"], EVAL_SAMPLES[self.mode],
-                            RETRIEVAL_RERANK_K[self.mode], NUM_EXAMPLES)
+                            RETRIEVAL_RERANK_K[self.mode], NUM_EXAMPLES,
+                            load_config(self.config_path("detect")).detect.label)
 
 
 def _fmt(value, unit: str = "", digits: int = 1) -> str:
@@ -211,6 +227,10 @@ def summary_line(stage: str, r: dict) -> str:
                 f"ceiling {_fmt(r.get('ceiling'), '%')}")
     if stage == "vqa":
         return f"step {r.get('step')}, val VQA accuracy {_fmt(r.get('val/vqa_accuracy'), '%')}"
+    if stage == "classify":
+        return f"step {r.get('step')}, val top-1 {_fmt(r.get('val/top1'), '%')}"
+    if stage == "detect":
+        return f"step {r.get('step')}, val mAP {_fmt(r.get('val/map'), '', 2)}, mAP@.5 {_fmt(r.get('val/map_50'), '', 2)}"
     if stage == "evaluate":
         return (f"VQA {_fmt(r.get('vqa_accuracy'), '%')}, R@1 {_fmt(r.get('retrieval_r1_i2t'), '%')}/"
                 f"{_fmt(r.get('retrieval_r1_t2i'), '%')}, CIDEr-D {_fmt(r.get('caption_cider'), '', 2)}")

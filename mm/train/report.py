@@ -192,7 +192,59 @@ def examples(pretrain_dir: Path, vqa_dir: Path, test: str, num: int, out: Path) 
     return rows
 
 
-def evaluate_all(demo_dir: Path, test: str, max_samples: int, rerank_k: int, num_examples: int) -> dict:
+@torch.no_grad()
+def evaluate_classifier(model_dir: Path, test: str, out: Path) -> dict:
+    """Top-1 and per-class accuracy of the classification stage on every test image that has a
+    label for its target (for ``shape``: the single-object images), and its confusion matrix PNG."""
+    from mm.eval.classification import classification_report, save_confusion_png
+    from mm.tasks.classify import label_of, load_classifier
+
+    model = load_classifier(model_dir, device="cpu").model
+    names, target = model.config.labels, model.config.target
+    index = {name: i for i, name in enumerate(names)}
+    logits, labels = [], []
+    for batch in _test_batches(test, 1 << 30, "image", image_size=model.config.image_size):
+        found = [(i, index[lab]) for i, m in enumerate(batch["meta"]) if (lab := label_of(m, target)) in index]
+        if found:
+            logits.append(model(batch["image"][[i for i, _ in found]]).float())
+            labels.append(torch.tensor([k for _, k in found]))
+    if not labels:
+        return {}
+    rep = classification_report(torch.cat(logits), torch.cat(labels), names)
+    m = rep["metrics"]
+    save_confusion_png(rep["confusion"], names, out / "confusion.png", f"{target}: top-1 {m['top1']:.1f} %")
+    return {"classify_top1": m["top1"], "classify_target": target, "classify_images": int(m["samples"]),
+            "classify_per_class": {n: m[f"acc_{n}"] for n in names if f"acc_{n}" in m}}
+
+
+@torch.no_grad()
+def evaluate_detection(model_dir: Path, test: str, label: str, out: Path) -> dict:
+    """COCO mAP of the detection stage on the test split (classes by ``label``, as in training)
+    and a grid of its boxes (score ≥ 0.5) on the first eight test images."""
+    from collections import Counter
+
+    from mm.models.detr import Detector
+    from mm.tasks.detect import draw_grid, evaluate_detector, sample_targets, to_pil
+
+    model = Detector.from_pretrained(model_dir).eval()
+    index, skipped = {name: i for i, name in enumerate(model.class_names)}, Counter()
+
+    def targets_of(batch: dict) -> list[dict]:
+        rows = [sample_targets(meta, index, label, skipped) for meta in batch["meta"]]
+        return [{"labels": torch.tensor(lab, dtype=torch.long),
+                 "boxes": torch.tensor(box, dtype=torch.float32).reshape(-1, 4)} for lab, box in rows]
+
+    batches = list(_test_batches(test, 1 << 30, "image", image_size=model.image_size))
+    m = evaluate_detector(model, batches, targets_of)
+    first = batches[0]["image"][:8]
+    draw_grid(to_pil(first), model.detect(first, min_score=0.5), model.class_names).save(out / "detections.png")
+    return {"detect_map": m["map"], "detect_map_50": m["map_50"], "detect_map_75": m["map_75"],
+            "detect_images": int(m["images"]),
+            "detect_ap_per_class": {k[3:]: v for k, v in m.items() if k.startswith("ap_")}}
+
+
+def evaluate_all(demo_dir: Path, test: str, max_samples: int, rerank_k: int, num_examples: int,
+                 detect_label: str = "shape") -> dict:
     """Every figure of report.json but the timings, from the exported models on the test split."""
     from mm.eval.vqa import cli_eval_vqa
     from mm.tasks.pretrain import cli_eval_caption, cli_eval_retrieval
@@ -222,6 +274,8 @@ def evaluate_all(demo_dir: Path, test: str, max_samples: int, rerank_k: int, num
         "caption_cider": cap["cider_d"], "caption_bleu4": cap["bleu4"],
         "vqa_accuracy": qa["overall"], "vqa_accuracy_per_answer_type": qa["perAnswerType"],
     })
+    metrics.update(evaluate_classifier(demo_dir / "classify" / "final", test, out))
+    metrics.update(evaluate_detection(demo_dir / "detect" / "final", test, detect_label, out))
     metrics["examples"] = examples(pre, vqa, test, num_examples, out)
     return metrics
 
@@ -257,7 +311,8 @@ def plot_curves(metrics_path: Path, title: str, out: Path) -> str | None:
         ax = axes[0][1]
         for k in sorted({k for r in val for k in r if k.startswith("val/")}):
             pts = [(r["step"], r[k]) for r in val if isinstance(r.get(k), (int, float))]
-            if k.split("/")[1] in ("psnr", "code_usage", "i2t_r1", "t2i_r1", "t2i_acc", "vqa_accuracy", "caption_loss"):
+            if k.split("/")[1] in ("psnr", "code_usage", "i2t_r1", "t2i_r1", "t2i_acc", "vqa_accuracy", "caption_loss",
+                                     "top1", "map", "map_50"):
                 ax.plot(*zip(*pts), marker="o", label=k)
         ax.set(xlabel="step", title=f"{title}: validation")
         ax.legend(fontsize=7)
@@ -292,12 +347,12 @@ def write_report(demo) -> dict:
     report["cpu_minutes"] = sum(report["stage_cpu_minutes"].values())
     report["torch_threads"] = torch.get_num_threads()
     report["mode"] = demo.mode
-    for stage in ("vq", "pretrain", "vqa"):
+    for stage in ("vq", "pretrain", "vqa", "classify", "detect"):
         report[f"{stage}_steps"] = records[stage]["result"].get("step")
     figures = demo.out / "report"
     figures.mkdir(parents=True, exist_ok=True)
     curves = {s: plot_curves(demo.out / s / "metrics.jsonl", s, figures / f"loss_{s}.png")
-              for s in ("vq", "pretrain", "vqa")}
+              for s in ("vq", "pretrain", "vqa", "classify", "detect")}
     (demo.out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     (demo.out / "report.md").write_text(markdown(demo, report, gen, ev.get("examples", []), curves))
     return report
@@ -320,6 +375,24 @@ def _rel(demo, path: str) -> str:
     return str(Path(path).resolve().relative_to(demo.out.resolve()))
 
 
+def classify_detect_markdown(r: dict) -> list[str]:
+    """The classification and detection sections of report.md (empty for a report without them)."""
+    lines = []
+    if "classify_top1" in r:
+        per = ", ".join(f"{n} {_pct(v)}%" for n, v in r.get("classify_per_class", {}).items())
+        lines += ["", "## Classification on the shared backbone", "",
+                  (f"The pretrained backbone fine-tuned to name the {r['classify_target']} of an image: top-1 "
+                   f"{_pct(r['classify_top1'])}% on {r['classify_images']} test images ({per})."), "",
+                  "![confusion matrix](report/confusion.png)"]
+    if "detect_map" in r:
+        per = ", ".join(f"{n} {v:.3f}" for n, v in r.get("detect_ap_per_class", {}).items())
+        lines += ["", "## Object detection (DETR)", "",
+                  (f"COCO mAP@[.5:.95] {r['detect_map']:.3f}, mAP@.5 {r['detect_map_50']:.3f} on "
+                   f"{r['detect_images']} test images; AP per class: {per}. Boxes with score ≥ 0.5 on test images:"),
+                  "", "![detections](report/detections.png)"]
+    return lines
+
+
 def markdown(demo, r: dict, gen: dict, examples: list[dict], curves: dict) -> str:
     """report.md: figures against the goals, timings, the prompt grid, reconstructions, examples."""
     pct = _pct
@@ -329,9 +402,12 @@ def markdown(demo, r: dict, gen: dict, examples: list[dict], curves: dict) -> st
              "| figure | value | goal |", "|---|---|---|"]
     for key, unit in (("vq_psnr", "dB"), ("vq_code_usage", "%"), ("vq_detector_agreement", "%"),
                       ("retrieval_r1_i2t", "%"), ("retrieval_r1_t2i", "%"), ("t2i_compositional_accuracy", "%"),
-                      ("t2i_ceiling", "%"), ("vqa_accuracy", "%"), ("caption_cider", "")):
+                      ("t2i_ceiling", "%"), ("vqa_accuracy", "%"), ("caption_cider", ""), ("classify_top1", "%")):
         goal = f"≥ {GOALS[key]:.0f}{unit}" if key in GOALS else ""
         lines.append(f"| {key} | {pct(r.get(key))}{unit} | {goal} |")
+    for key in ("detect_map", "detect_map_50"):
+        v = r.get(key)
+        lines.append(f"| {key} | {v:.3f} | |" if isinstance(v, (int, float)) and math.isfinite(v) else f"| {key} | n/a | |")
     lines += ["", "| stage | wall min | CPU min |", "|---|---|---|"]
     lines += [f"| {s} | {r['stage_minutes'][s]:.2f} | {r['stage_cpu_minutes'][s]:.2f} |" for s in r["stage_minutes"]]
     lines += ["", "## Text to image: held-out prompts", "",
@@ -348,6 +424,7 @@ def markdown(demo, r: dict, gen: dict, examples: list[dict], curves: dict) -> st
     for ex in examples:
         qa = "<br>".join(f"{q['question']} → **{q['answer']}** ({q['reference']})" for q in ex["qa"])
         lines.append(f"| ![]({ex['image']}) | {ex['caption']}<br>({ex['reference']}) | {qa} |")
+    lines += classify_detect_markdown(r)
     lines += ["", "## Loss curves", ""]
     lines += [f"![{s} losses]({_rel(demo, p)})" for s, p in curves.items() if p]
     return "\n".join(lines) + "\n"

@@ -29,20 +29,25 @@ def test_demo_fast_offline_writes_complete_report_and_resumes(tmp_path, no_netwo
     out = tmp_path / "demo"
     assert main(["demo", "--fast", "--out", str(out)]) == 0
     first = capsys.readouterr().out
-    assert len(re.findall(r"^\[\d/7\] \w+ +… \d+ s \(cpu \d+ s\)", first, re.MULTILINE)) == 7, first
+    assert len(re.findall(r"^\[\d/9\] \w+ +… \d+ s \(cpu \d+ s\)", first, re.MULTILINE)) == 9, first
 
     report = json.loads((out / "report.json").read_text())
     for key in REQUIRED:
         assert isinstance(report[key], (int, float)) and math.isfinite(report[key]), (key, report.get(key))
     assert 0 <= report["vqa_accuracy"] <= 100 and 0 <= report["t2i_compositional_accuracy"] <= 100
-    assert set(report["stage_minutes"]) == {"data", "vq", "codes", "pretrain", "generate", "vqa", "evaluate"}
+    assert set(report["stage_minutes"]) == {"data", "vq", "codes", "pretrain", "generate", "vqa", "classify",
+                                             "detect", "evaluate"}
     assert report["minutes"] == pytest.approx(sum(report["stage_minutes"].values()))
     assert report["vq_steps"] == 30 and report["pretrain_steps"] == 40 and report["vqa_steps"] == 30
+    assert report["classify_steps"] == 10 and report["detect_steps"] == 10
+    assert 0 <= report["classify_top1"] <= 100 and report["classify_images"] > 0
+    assert 0 <= report["detect_map"] <= report["detect_map_50"] <= 1 and report["detect_images"] > 0
 
     md = (out / "report.md").read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     for needed in ("generate/grid.png", "report/vq_reconstructions.png", "report/loss_pretrain.png",
-                   "report/loss_vq.png", "report/loss_vqa.png", "report/examples/0.png"):
+                   "report/loss_vq.png", "report/loss_vqa.png", "report/examples/0.png", "report/confusion.png",
+                   "report/detections.png"):
         assert needed in images, (needed, images)
     for rel in images:
         with Image.open(out / rel) as im:
@@ -52,7 +57,7 @@ def test_demo_fast_offline_writes_complete_report_and_resumes(tmp_path, no_netwo
     # The same command again skips every finished stage and rewrites the same figures.
     assert main(["demo", "--fast", "--out", str(out)]) == 0
     again = capsys.readouterr().out
-    assert again.count("done earlier") == 7, again
+    assert again.count("done earlier") == 9, again
     assert json.loads((out / "report.json").read_text())["vqa_accuracy"] == report["vqa_accuracy"]
 
     # A fast demo folder is not silently reused for the full budget.
