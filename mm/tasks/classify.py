@@ -137,6 +137,31 @@ def build_model(cfg: Config) -> tuple[ImageClassifier, Path | None]:
     return ImageClassifier(config), None
 
 
+def labelled_samples(batch: dict, index: dict[str, int], target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (n, C, H, W), class indices (n,)) of the batch's samples with a label in ``index``."""
+    ids = [index.get(label_of(m, target)) if isinstance(m, dict) else None for m in batch["meta"]]
+    keep = [i for i, c in enumerate(ids) if c is not None]
+    images = batch["image"]
+    y = torch.tensor([ids[i] for i in keep], dtype=torch.long, device=images.device)
+    return images[torch.tensor(keep, dtype=torch.long, device=images.device)], y
+
+
+@torch.no_grad()
+def evaluate_classifier(model: ImageClassifier, batches, target: str) -> dict | None:
+    """classification_report (top-1/top-5, per class, confusion) of ``model`` over the samples of
+    ``batches`` that have one of its labels for ``target``; None when there are none."""
+    index = {x: i for i, x in enumerate(model.config.labels)}
+    all_logits, all_y = [], []
+    for batch in batches:
+        images, y = labelled_samples(batch, index, target)
+        if y.numel():
+            all_logits.append(model(images).float().cpu())
+            all_y.append(y.cpu())
+    if not all_y:
+        return None
+    return classification_report(torch.cat(all_logits), torch.cat(all_y), model.config.labels)
+
+
 # ---------------------------------------------------------------------------------------------
 # The task
 
@@ -196,12 +221,7 @@ class ClassifyTask:
             raise MMError("the classify task has no class list yet; call task.setup(run_dir) first")
 
     def targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images (n, C, H, W), class indices (n,)) of the batch's samples that have a known label."""
-        ids = [self.index.get(label_of(m, self.target)) if isinstance(m, dict) else None for m in batch["meta"]]
-        keep = [i for i, c in enumerate(ids) if c is not None]
-        images = batch["image"]
-        y = torch.tensor([ids[i] for i in keep], dtype=torch.long, device=images.device)
-        return images[torch.tensor(keep, dtype=torch.long, device=images.device)], y
+        return labelled_samples(batch, self.index, self.target)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         if self.probe:  # the frozen backbone needs no graph: the probe costs one forward
@@ -225,16 +245,11 @@ class ClassifyTask:
     def validate(self, batches) -> dict[str, float]:
         """Top-1/top-5, mean per-class and per-class accuracy over the labelled val samples."""
         self._check_ready()
-        all_logits, all_y = [], []
-        for batch in batches:
-            images, y = self.targets(batch)
-            if y.numel():
-                all_logits.append(self.model(images).float().cpu())
-                all_y.append(y.cpu())
-        if not all_y:
+        report = evaluate_classifier(self.model, batches, self.target)
+        if report is None:
             return {}
-        self.last_report = classification_report(torch.cat(all_logits), torch.cat(all_y), self.labels)
-        return dict(self.last_report["metrics"])
+        self.last_report = report
+        return dict(report["metrics"])
 
     def export(self, out_dir: str | Path) -> None:
         """config.json (with the labels) + model.safetensors; eval.json and confusion.png of the

@@ -184,6 +184,13 @@ def denoising_loss(dn_outputs: list, dn, w_class: float, w_l1: float, w_giou: fl
 # The task
 
 
+def target_tensors(meta: dict, index: dict[str, int], label: str, skipped: Counter) -> dict:
+    """sample_targets as the tensors the loss and mAP take: {"labels" (n,), "boxes" (n, 4) cxcywh}."""
+    labels, boxes = sample_targets(meta, index, label, skipped)
+    return {"labels": torch.tensor(labels, dtype=torch.long),
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)}
+
+
 def init_folder(path: str) -> Path | None:
     """The exported model folder of ``run.init_from`` (a model folder or a finished run), or None."""
     if not path:
@@ -231,11 +238,9 @@ class DetectTask:
         out = []
         for key, meta in zip(batch["key"], batch["meta"]):
             before = sum(self.skipped.values())
-            labels, boxes = sample_targets(meta, self.index, self.cfg.detect.label, self.skipped)
+            out.append(target_tensors(meta, self.index, self.cfg.detect.label, self.skipped))
             if sum(self.skipped.values()) > before:
                 self._warn(key)
-            out.append({"labels": torch.tensor(labels, dtype=torch.long),
-                        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)})
         return out
 
     def _warn(self, key: str) -> None:

@@ -193,24 +193,18 @@ def examples(pretrain_dir: Path, vqa_dir: Path, test: str, num: int, out: Path) 
 
 
 @torch.no_grad()
-def evaluate_classifier(model_dir: Path, test: str, out: Path) -> dict:
+def evaluate_classification(model_dir: Path, test: str, out: Path) -> dict:
     """Top-1 and per-class accuracy of the classification stage on every test image that has a
     label for its target (for ``shape``: the single-object images), and its confusion matrix PNG."""
-    from mm.eval.classification import classification_report, save_confusion_png
-    from mm.tasks.classify import label_of, load_classifier
+    from mm.eval.classification import save_confusion_png
+    from mm.tasks.classify import evaluate_classifier, load_classifier
 
     model = load_classifier(model_dir, device="cpu").model
     names, target = model.config.labels, model.config.target
-    index = {name: i for i, name in enumerate(names)}
-    logits, labels = [], []
-    for batch in _test_batches(test, 1 << 30, "image", image_size=model.config.image_size):
-        found = [(i, index[lab]) for i, m in enumerate(batch["meta"]) if (lab := label_of(m, target)) in index]
-        if found:
-            logits.append(model(batch["image"][[i for i, _ in found]]).float())
-            labels.append(torch.tensor([k for _, k in found]))
-    if not labels:
+    rep = evaluate_classifier(model, _test_batches(test, 1 << 30, "image", image_size=model.config.image_size),
+                              target)
+    if rep is None:
         return {}
-    rep = classification_report(torch.cat(logits), torch.cat(labels), names)
     m = rep["metrics"]
     save_confusion_png(rep["confusion"], names, out / "confusion.png", f"{target}: top-1 {m['top1']:.1f} %")
     return {"classify_top1": m["top1"], "classify_target": target, "classify_images": int(m["samples"]),
@@ -224,18 +218,12 @@ def evaluate_detection(model_dir: Path, test: str, label: str, out: Path) -> dic
     from collections import Counter
 
     from mm.models.detr import Detector
-    from mm.tasks.detect import draw_grid, evaluate_detector, sample_targets, to_pil
+    from mm.tasks.detect import draw_grid, evaluate_detector, target_tensors, to_pil
 
     model = Detector.from_pretrained(model_dir).eval()
     index, skipped = {name: i for i, name in enumerate(model.class_names)}, Counter()
-
-    def targets_of(batch: dict) -> list[dict]:
-        rows = [sample_targets(meta, index, label, skipped) for meta in batch["meta"]]
-        return [{"labels": torch.tensor(lab, dtype=torch.long),
-                 "boxes": torch.tensor(box, dtype=torch.float32).reshape(-1, 4)} for lab, box in rows]
-
     batches = list(_test_batches(test, 1 << 30, "image", image_size=model.image_size))
-    m = evaluate_detector(model, batches, targets_of)
+    m = evaluate_detector(model, batches, lambda b: [target_tensors(meta, index, label, skipped) for meta in b["meta"]])
     first = batches[0]["image"][:8]
     draw_grid(to_pil(first), model.detect(first, min_score=0.5), model.class_names).save(out / "detections.png")
     return {"detect_map": m["map"], "detect_map_50": m["map_50"], "detect_map_75": m["map_75"],
@@ -274,7 +262,7 @@ def evaluate_all(demo_dir: Path, test: str, max_samples: int, rerank_k: int, num
         "caption_cider": cap["cider_d"], "caption_bleu4": cap["bleu4"],
         "vqa_accuracy": qa["overall"], "vqa_accuracy_per_answer_type": qa["perAnswerType"],
     })
-    metrics.update(evaluate_classifier(demo_dir / "classify" / "final", test, out))
+    metrics.update(evaluate_classification(demo_dir / "classify" / "final", test, out))
     metrics.update(evaluate_detection(demo_dir / "detect" / "final", test, detect_label, out))
     metrics["examples"] = examples(pre, vqa, test, num_examples, out)
     return metrics
