@@ -102,6 +102,7 @@ class DataConfig:
     shapes_cache: str = ""  # where built-in shards are written; empty = ~/.cache/mm
     val_samples: int = 512  # validation samples used per evaluation
     vqa_balance: float = 0.0  # vqa training: question-type frequencies f -> f^(1 - this); 1 = all types equal
+    captions: str = "first"  # training caption: first (the .txt) | random | complete (of the json captions)
 
 
 @dataclass
@@ -145,6 +146,7 @@ class ObjectivesConfig:
     mixing: str = "all"  # all (every objective each step) | sample (one per step by ratio)
     ratios: list[float] = field(default_factory=list)  # for mixing=sample, order itc,itm,caption,t2i
     cfg_dropout: float = 0.1  # probability that T2I sees the null text context
+    t2i_object_weight: float = 1.0  # T2I loss weight of codes that draw objects (boxes in the json); 1 = uniform
     hard_negatives: bool = True
 
 
@@ -398,12 +400,14 @@ def validate(cfg: Config) -> Config:
         ("data.text_max_len", cfg.data.text_max_len >= 4, "must be >= 4"),
         ("data.num_workers", cfg.data.num_workers >= 0, "must be >= 0"),
         ("data.vqa_balance", 0.0 <= cfg.data.vqa_balance <= 1.0, "must be in [0, 1] (0 off, 1 all question types equal)"),
+        ("data.captions", cfg.data.captions in ("first", "random", "complete"), "must be first, random or complete"),
         ("vq.downsample", cfg.vq.downsample in (4, 8, 16), "must be 4, 8 or 16"),
         ("vq.codebook_size", cfg.vq.codebook_size >= 2, "must be >= 2"),
         ("vq.quantizer", cfg.vq.quantizer in ("l2", "ema"), "must be l2 or ema"),
         ("vq.recon_loss", cfg.vq.recon_loss in ("l1", "l2"), "must be l1 or l2"),
         ("objectives.mixing", cfg.objectives.mixing in ("all", "sample"), "must be all or sample"),
         ("objectives.cfg_dropout", 0.0 <= cfg.objectives.cfg_dropout <= 1.0, "must be in [0, 1]"),
+        ("objectives.t2i_object_weight", cfg.objectives.t2i_object_weight >= 1.0, "must be >= 1 (1 = uniform)"),
         ("vqa.head", cfg.vqa.head in ("classifier", "generative"), "must be classifier or generative"),
         ("classify.target", cfg.classify.target in ("label", "shape", "count"), "must be label, shape or count"),
         ("classify.mode", cfg.classify.mode in ("finetune", "probe"), "must be finetune or probe"),

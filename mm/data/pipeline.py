@@ -41,6 +41,8 @@ from mm.data.transforms import check_sample, image_key, load_image, sample_seed,
 from mm.errors import MMError
 
 MODES = ("image", "caption", "vqa")
+# Which of a sample's captions (its json ``captions`` list, else the .txt) a training batch uses.
+CAPTION_CHOICES = ("first", "random", "complete")
 MAX_BAD_IN_A_ROW = 10_000
 
 
@@ -66,6 +68,7 @@ class _Plan:
     batches_per_epoch: int | None
     start_batch: int
     keep: tuple[tuple[str, float], ...] = ()  # vqa train: question type -> keep probability
+    captions: str = "first"  # train: one of CAPTION_CHOICES (eval always reads the first)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +316,27 @@ def _decode(plan: _Plan, item: dict, epoch: int):
     return image, codes
 
 
+def choose_caption(item: dict, how: str, seed: int, epoch: int) -> str:
+    """The caption a training item uses this epoch: its first (the .txt), one of its json
+    ``captions`` at random, or one at random of those that name every object (shapes
+    metadata; any caption when none does or the metadata is not shapes'). Seeded by (seed,
+    epoch, sample key) only, so a resumed stream picks the same ones."""
+    meta = item.get("meta") or {}
+    options = meta.get("captions")
+    if how == "first" or not isinstance(options, list) or not options or \
+            not all(isinstance(c, str) and c.strip() for c in options):
+        return item["caption"]
+    if how == "complete":
+        from mm.data.shapes_truth import is_shapes_meta, names_every_object
+
+        if is_shapes_meta(meta):
+            try:
+                options = [c for c in options if names_every_object(c, meta)] or options
+            except ValueError:  # a caption outside the shapes grammar: no way to tell, keep all
+                pass
+    return options[random.Random(sample_seed(seed, "caption", epoch, item["__key__"])).randrange(len(options))]
+
+
 def _collate(plan: _Plan, items: list[dict], epoch: int, counts: Counter) -> dict:
     """Decode and stack one batch. An image that passed the cheap check but fails to decode is
     replaced by a good neighbour from the same batch (counted), so batch boundaries never move."""
@@ -332,7 +356,8 @@ def _collate(plan: _Plan, items: list[dict], epoch: int, counts: Counter) -> dic
     batch = {
         "image": to_tensor([decoded[i][0] for i in keep]),  # (B, 3, H, W) in [-1, 1]
         "key": [it["__key__"] for it in items],
-        "caption": [it["caption"] for it in items],
+        "caption": [choose_caption(it, plan.captions if plan.train else "first", plan.seed, epoch)
+                    for it in items],
         "meta": [it["meta"] for it in items],
         "skipped": dict(counts),
     }
@@ -481,7 +506,7 @@ def make_loader(sources: list[str], *, batch_size: int, seed: int, rank: int = 0
                 num_workers: int = 0, weights: list[float] | None = None, shuffle_buffer: int = 1000,
                 image_size: int = 32, augment: bool = False, tokenizer=None, text_max_len: int = 32,
                 mode: str = "caption", train: bool = True, start_batch: int = 0,
-                balance: float = 0.0) -> Loader:
+                balance: float = 0.0, captions: str = "first") -> Loader:
     """A deterministic, resumable loader over one or more shard sets (see the module docstring).
 
     ``sources``: shard specs (folder, brace pattern, glob, tar, ``pipe:`` URL), one per mixture
@@ -490,6 +515,7 @@ def make_loader(sources: list[str], *, batch_size: int, seed: int, rank: int = 0
     pass split by rank. ``start_batch``: continue exactly from this batch of this rank's stream.
     ``balance``: vqa train only, flatten question-type frequencies f_t to f_t^(1 - balance) by
     thinning the frequent types (see ``question_type_keep``); epochs keep their length in batches.
+    ``captions``: which caption a training item uses (``choose_caption``); eval reads the first.
     In eval mode ``batches_per_epoch`` is the expected count; corrupt samples make it smaller.
     """
     if isinstance(sources, str):
@@ -504,6 +530,8 @@ def make_loader(sources: list[str], *, batch_size: int, seed: int, rank: int = 0
                       f"{num_workers}, {start_batch})")
     if not 0.0 <= balance <= 1.0:
         raise MMError(f"data.vqa_balance must be between 0 (off) and 1 (every question type equally often), got {balance}")
+    if captions not in CAPTION_CHOICES:
+        raise MMError(f"data.captions must be one of {', '.join(CAPTION_CHOICES)}, got {captions!r}")
     if not 0 <= rank < world_size:
         raise MMError(f"rank {rank} is outside world size {world_size}")
     weights = list(weights) if weights else [1.0] * len(sources)
@@ -518,7 +546,7 @@ def make_loader(sources: list[str], *, batch_size: int, seed: int, rank: int = 0
                  batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
                  num_workers=max(1, num_workers), shuffle_buffer=shuffle_buffer, image_size=image_size,
                  augment=augment, tokenizer=tokenizer, text_max_len=text_max_len, mode=mode, train=train,
-                 batches_per_epoch=bpe, start_batch=start_batch)
+                 batches_per_epoch=bpe, start_batch=start_batch, captions=captions)
     if balance > 0 and train and mode == "vqa":
         plan = replace(plan, keep=tuple(question_type_keep(sources, balance).items()))
     return Loader(plan, num_workers)

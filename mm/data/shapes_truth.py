@@ -229,3 +229,11 @@ def truth_matrix(captions: list[str], metas: list[dict]) -> np.ndarray:
     parsed = [parse_caption(c) for c in captions]
     scenes = [scene_of(m) for m in metas]
     return np.array([[holds(c, s) for c in parsed] for s in scenes], dtype=bool).reshape(len(scenes), len(parsed))
+
+
+def names_every_object(caption: str, meta: dict) -> bool:
+    """True when a true caption accounts for every object of the image (its groups' counts add up
+    to the object count): "a red circle above a blue square" of an image with a third object does
+    not. Text-to-image trains on such captions so that a prompt asks for nothing but what it says.
+    Raises ValueError as :func:`caption_true_of` does."""
+    return sum(p.count for p in parse_caption(caption).phrases) == scene_of(meta).total

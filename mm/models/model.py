@@ -98,6 +98,10 @@ class MMConfig:
     # to the fused patches (ALBEF/BLIP's direction: the question looks at the image), and the
     # classifier reads [v, r], r their masked mean.
     vqa_fusion: str = "fused"
+    # T2I trained with per-code loss weights w (objectives.t2i_object_weight): the model keeps
+    # log w as a (K,) buffer and subtracts it from the code logits, so that sampling draws from
+    # the data distribution, not from the weighted one (a weighted NLL's optimum is softmax ∝ w·p).
+    t2i_code_weights: bool = False
 
     @classmethod
     def from_dict(cls, data: dict) -> MMConfig:
@@ -141,6 +145,8 @@ class MMModel(nn.Module):
         self.itm_pool = Pool(c.itm_pool, c.width, c.heads)
         self.itm_head = nn.Linear(c.width, 2)
         self.t2i_head = nn.Linear(c.width, c.codebook_size)
+        if c.t2i_code_weights:
+            self.register_buffer("t2i_log_weight", torch.zeros(c.codebook_size))  # (K,) log w
         self.vqa_pool = Pool(c.vqa_pool, c.width, c.heads) if c.vqa_answers else None
         self.vqa_reader = self._vqa_reader() if c.vqa_answers else None
         self.vqa_head = self._vqa_head(c.vqa_answers) if c.vqa_answers else None
@@ -296,6 +302,20 @@ class MMModel(nn.Module):
 
     # ---- text-to-image: next-code prediction over the VQ grid ---------------------------------
 
+    def set_t2i_code_weights(self, weights: Tensor) -> None:
+        """Train T2I with per-code loss weights (K,) > 0 (see ``t2i_code_weights``); logits stay calibrated."""
+        c = self.config
+        if weights.shape != (c.codebook_size,) or not bool((weights > 0).all()):
+            raise MMError(f"T2I code weights must be {c.codebook_size} positive numbers, got shape {tuple(weights.shape)}")
+        if not c.t2i_code_weights:
+            self.register_buffer("t2i_log_weight", torch.zeros(c.codebook_size, device=self.logit_scale.device))
+            c.t2i_code_weights = True
+        self.t2i_log_weight.copy_(weights.log())
+
+    def _code_logits(self, h: Tensor) -> Tensor:
+        logits = self.t2i_head(h)  # (..., K)
+        return logits - self.t2i_log_weight.to(logits.dtype) if self.config.t2i_code_weights else logits
+
     def t2i_logits(self, codes: Tensor, text_states: Tensor | None, text_mask: Tensor | None) -> Tensor:
         """codes (B, h, w) -> (B, h*w, K); row n is conditioned on the text and codes 0..n-1 (raster order)."""
         ids = self.code_embed.inputs(codes)  # (B, N): start + codes[:-1]
@@ -303,7 +323,7 @@ class MMModel(nn.Module):
         if text_states is None:
             text_states, text_mask = self.null_context(ids.shape[0])
         h = self.backbone(x, rope, text_states, text_mask, causal=True)  # (B, N, D)
-        return self.t2i_head(h)  # (B, N, K)
+        return self._code_logits(h)  # (B, N, K)
 
     def t2i_prefill(self, text_states: Tensor | None, text_mask: Tensor | None, batch: int | None = None,
                     cache: str = "static") -> tuple[Tensor, DecodeState]:
@@ -319,7 +339,7 @@ class MMModel(nn.Module):
         start = torch.full((b, 1), self.code_embed.start_id, dtype=torch.long, device=dev)
         x, rope = self.code_embed(start, torch.arange(1, device=dev))
         h = self.backbone(x, rope, text_states, text_mask, causal=True, caches=caches)
-        return self.t2i_head(h[:, -1]), DecodeState(caches, text_mask)
+        return self._code_logits(h[:, -1]), DecodeState(caches, text_mask)
 
     def t2i_step(self, codes: Tensor, state: DecodeState) -> Tensor:
         """codes (B,) just sampled -> (B, K) logits for the next code (cross-attention K/V are cached)."""
@@ -327,7 +347,7 @@ class MMModel(nn.Module):
         pos = state.caches[0].self_attn.next_position() + torch.arange(1, device=ids.device)  # (1,)
         x, rope = self.code_embed(ids, pos)
         h = self.backbone(x, rope, None, state.context_mask, causal=True, caches=state.caches)
-        return self.t2i_head(h[:, -1])
+        return self._code_logits(h[:, -1])
 
     def t2i_extend(self, codes: Tensor, state: DecodeState) -> Tensor:
         """codes (B, t) fed after the cached ones -> (B, t, K); row j predicts the code after codes[:, j].
@@ -337,7 +357,7 @@ class MMModel(nn.Module):
         pos = state.caches[0].self_attn.next_position() + torch.arange(codes.shape[1], device=codes.device)  # (t,)
         x, rope = self.code_embed(codes, pos)
         h = self.backbone(x, rope, None, state.context_mask, causal=True, caches=state.caches)  # (B, t, D)
-        return self.t2i_head(h)
+        return self._code_logits(h)
 
     @staticmethod
     def t2i_truncate(state: DecodeState, length: int) -> None:

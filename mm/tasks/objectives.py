@@ -17,6 +17,8 @@ Randomness (hard negatives, CFG dropout) uses torch's global RNG, which the trai
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -211,14 +213,49 @@ def cfg_drop(model, text_states: Tensor, text_mask: Tensor, p: float) -> tuple[T
     return states, mask, dropped
 
 
+def object_weights(metas: list, grid: tuple[int, int], image_size: int, weight: float) -> Tensor | None:
+    """(B, h*w) weights over an h×w grid laid on the image (e.g. the VQ code grid): ``weight`` for
+    cells that overlap an object's bbox (json ``objects[].bbox`` in the stored image's pixels, mapped
+    through the centred square crop the model sees), 1 elsewhere. Returns None when ``weight`` is
+    1 or a sample has no ``objects`` (other data).
+    """
+    from mm.data.transforms import crop_box
+    from mm.tasks.detect import frame_size
+
+    if weight == 1.0 or not metas or any(not isinstance(m, dict) or "objects" not in m for m in metas):
+        return None
+    h, w = grid
+    out = torch.ones(len(metas), h, w)
+    for i, meta in enumerate(metas):
+        fw, fh = frame_size(meta) or (image_size, image_size)  # boxes are in the stored image's pixels
+        cx0, cy0, cx1, _ = crop_box(round(fw), round(fh), False, 0)  # the centred square the model sees
+        side = cx1 - cx0
+        for o in meta["objects"]:
+            x0, y0, x1, y1 = ((v - c) / side for v, c in zip(o["bbox"], (cx0, cy0, cx0, cy0)))  # [0, 1]
+            # grid cells the box touches (x1/y1 are exclusive); the epsilon absorbs float rounding
+            r0, r1 = max(math.floor(y0 * h + 1e-6), 0), min(math.ceil(y1 * h - 1e-6), h)
+            c0, c1 = max(math.floor(x0 * w + 1e-6), 0), min(math.ceil(x1 * w - 1e-6), w)
+            out[i, r0:r1, c0:c1] = weight
+    return out.flatten(1)  # (B, N)
+
+
 def t2i_loss(model, codes: Tensor, text_states: Tensor | None, text_mask: Tensor | None
              ) -> tuple[Tensor, dict[str, float], Tensor]:
     """Cross-entropy of every code given the text and the codes before it in raster order.
 
-    codes (B, h, w) long. Returns (loss, {"t2i_acc"}, per-position correct (B, N) bool).
+    codes (B, h, w) long. A model with T2I code weights w (``set_t2i_code_weights``) is trained
+    with the w-weighted cross-entropy of its head's raw logits (sum w_y·CE / sum w_y), whose
+    optimum is softmax ∝ w·p; the logits it returns subtract log w, so sampling sees p again.
+    Returns (loss, {"t2i_acc"}, per-position correct (B, N) bool).
     """
-    logits = model.t2i_logits(codes, text_states, text_mask).float()  # (B, N, K)
+    logits = model.t2i_logits(codes, text_states, text_mask).float()  # (B, N, K), calibrated
     targets = codes.flatten(1)  # (B, N)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    if not getattr(model.config, "t2i_code_weights", False):
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    else:
+        log_w = model.t2i_log_weight.float()  # (K,)
+        ce = F.cross_entropy((logits + log_w).transpose(1, 2), targets, reduction="none")  # (B, N)
+        w = log_w.exp()[targets]  # (B, N)
+        loss = (ce * w).sum() / w.sum()
     correct = logits.argmax(-1) == targets
     return loss, {"t2i_acc": float(correct.float().mean())}, correct

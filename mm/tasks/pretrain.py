@@ -82,11 +82,14 @@ class PretrainTask:
         codebook, grid = _vq_facts(cfg.vq.path, cfg.data.image_size)
         self.model = model_from_config(cfg.model, self.tokenizer.vocab_size, codebook, grid,
                                        cfg.data.image_size, cfg.data.text_max_len)
+        self._vq = None  # frozen, loaded lazily, never part of self.model
+        weight = cfg.objectives.t2i_object_weight
+        if weight != 1.0 and "t2i" in self.active:
+            self.model.set_t2i_code_weights(self.code_weights(weight))
         if cfg.train.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         if cfg.train.compile:
             compile_blocks(self.model)
-        self._vq = None  # frozen, loaded lazily, never part of self.model
 
     def _ratios(self, cfg: Config) -> list[float]:
         if cfg.objectives.mixing != "sample":
@@ -119,6 +122,35 @@ class PretrainTask:
             with torch.random.fork_rng(devices=[]):
                 self._vq = VQTokenizer.from_pretrained(self.vq_path).eval().requires_grad_(False)
         return self._vq.to(device)
+
+    @torch.no_grad()
+    def code_weights(self, weight: float, max_samples: int = 2048) -> torch.Tensor:
+        """Per-code T2I loss weights (K,): 1 + (weight - 1)·f_c, where f_c is the share of code c's
+        occurrences that fall inside an object box, over the first ``max_samples`` train images.
+
+        The codes that draw objects carry what a prompt asks for, but most codes of a shapes image
+        are background texture; weighting by code (not by position) keeps the correction of the
+        logits exact (mm.models.model.MMConfig.t2i_code_weights). Needs object boxes in the json
+        (``objects[].bbox``, as the shapes data has).
+        """
+        from mm.data.pipeline import make_loader
+
+        k = self.model.config.codebook_size
+        grid, size = tuple(self.model.config.code_grid), self.cfg.data.image_size
+        inside, total, seen = torch.zeros(k), torch.zeros(k), 0
+        for batch in make_loader(list(self.cfg.data.train), batch_size=64, seed=0, train=False, image_size=size,
+                                 mode="image"):
+            boxes = obj.object_weights(batch["meta"], grid, size, 2.0)  # (B, N): 2 inside a box, else 1
+            if boxes is None:
+                raise MMError("objectives.t2i_object_weight needs object boxes in the train shards' json "
+                              "(objects[].bbox, as the shapes data has); set it to 1 for other data")
+            codes = self.codes(batch).flatten(1).cpu()  # (B, N)
+            total += torch.bincount(codes.flatten(), minlength=k)
+            inside += torch.bincount(codes.flatten(), weights=(boxes > 1).flatten().float(), minlength=k)
+            seen += codes.shape[0]
+            if seen >= max_samples:
+                break
+        return 1.0 + (weight - 1.0) * inside / total.clamp(min=1)
 
     @torch.no_grad()
     def codes(self, batch: dict) -> torch.Tensor:

@@ -164,6 +164,7 @@ def make_loader(cfg: Config, task, accelerator, *, train: bool, start_batch: int
         train=train,
         start_batch=start_batch,
         balance=cfg.data.vqa_balance,
+        captions=cfg.data.captions,
     )
 
 

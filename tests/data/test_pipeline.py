@@ -322,3 +322,49 @@ def test_builtin_shapes_with_the_real_tokenizer(shapes_shards, tmp_path):
                         text_max_len=96)
     batch = next(iter(train))
     assert train.batches_per_epoch == 64 // 8 and tok.decode(batch["input_ids"][0]) == batch["caption"][0]
+
+
+def test_caption_choice_first_random_complete_and_resume(tmp_path):
+    from mm.data.pipeline import choose_caption
+    from mm.data.shapes import make_sample
+    from mm.data.shapes_truth import caption_true_of, names_every_object
+
+    with ShardWriter(tmp_path, "shapes", samples_per_shard=100) as w:
+        samples = [make_sample(0, "train", i, 48) for i in range(40)]
+        for s in samples:
+            w.write(s)
+    metas = {s["__key__"]: s["json"] for s in samples}
+    kw = {"batch_size": 8, "seed": 3, "tokenizer": ByteTokenizer(), "text_max_len": 200}
+    first = [b for b in islice(make_loader([str(tmp_path)], **kw), 10)]
+    assert all(c == metas[k]["captions"][0] for b in first for k, c in zip(b["key"], b["caption"]))
+    for how in ("random", "complete"):
+        loader = make_loader([str(tmp_path)], captions=how, **kw)
+        full = list(islice(loader, 15))  # three epochs of 5 batches
+        picked = {}
+        for b in full:
+            for k, c in zip(b["key"], b["caption"]):
+                meta = metas[k]
+                assert c in meta["captions"] and caption_true_of(c, meta)
+                if how == "complete":
+                    assert names_every_object(c, meta) or not any(
+                        names_every_object(o, meta) for o in meta["captions"])
+                picked.setdefault(k, set()).add(c)
+        assert any(len(v) > 1 for v in picked.values())  # a new draw per epoch
+        resumed = list(islice(make_loader([str(tmp_path)], captions=how, start_batch=7, **kw), 8))
+        assert [b["caption"] for b in resumed] == [b["caption"] for b in full[7:]]
+        # eval passes always read the first caption
+        ev = make_loader([str(tmp_path)], captions=how, train=False, **kw)
+        assert all(c == metas[k]["captions"][0] for b in ev for k, c in zip(b["key"], b["caption"]))
+    # complete really filters: a relation caption of a three-object image is never chosen
+    meta = {"objects": [{"shape": "circle", "color": "red", "size": "small", "bbox": [0, 0, 5, 5], "cell": "top left"},
+                        {"shape": "square", "color": "blue", "size": "small", "bbox": [40, 40, 45, 45],
+                         "cell": "bottom right"},
+                        {"shape": "square", "color": "green", "size": "small", "bbox": [40, 0, 45, 5],
+                         "cell": "top right"}],
+            "captions": ["a red circle above a blue square", "a red circle, a blue square and a green square"]}
+    item = {"__key__": "k", "caption": meta["captions"][0], "meta": meta}
+    assert {choose_caption(item, "complete", s, 0) for s in range(20)} == {meta["captions"][1]}
+    assert len({choose_caption(item, "random", s, 0) for s in range(20)}) == 2
+    assert choose_caption({"__key__": "x", "caption": "plain", "meta": {}}, "complete", 0, 0) == "plain"
+    with pytest.raises(MMError, match="data.captions"):
+        make_loader([str(tmp_path)], captions="all", **kw)

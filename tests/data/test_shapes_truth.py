@@ -130,3 +130,23 @@ def test_truth_matrix_has_each_caption_true_of_its_own_image():
     truth = truth_matrix(captions, metas)
     assert truth.shape == (50, 50) and truth.diagonal().all()
     assert truth.sum() < 50 * 50 / 4  # captions are specific: far from true of everything
+
+
+def test_names_every_object_counts_the_objects_a_caption_accounts_for():
+    from mm.data.shapes_truth import names_every_object
+
+    objects = [{"shape": "circle", "color": "red", "size": "small", "cell": "top left"},
+               {"shape": "square", "color": "blue", "size": "large", "cell": "bottom left"},
+               {"shape": "square", "color": "blue", "size": "large", "cell": "bottom right"}]
+    meta = {"objects": objects}
+    assert names_every_object("a red circle and two blue squares", meta)
+    assert names_every_object("a red circle in the top left and two blue squares at the bottom", meta)
+    assert not names_every_object("a red circle above two blue squares", {"objects": objects[:2]})
+    assert names_every_object("a red circle above a blue square", {"objects": objects[:2]})
+    assert not names_every_object("a red circle in the top left", meta)
+    # every held-out prompt names every object of its render: T2I prompts ask for nothing else
+    for i, spec in enumerate(held_out_prompts()):
+        _, drawn = render_spec(spec, 48, seed=i)
+        assert names_every_object(spec["prompt"], {"objects": drawn}), spec["prompt"]
+    with pytest.raises(ValueError):
+        names_every_object("a dog", meta)

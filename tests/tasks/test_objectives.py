@@ -159,3 +159,82 @@ def test_each_objective_loss_falls_on_a_tiny_overfit(tmp_path, name):
         assert late < history[0] - 0.03 and late < 0.64, history
     else:
         assert history[-1] < 0.7 * history[0], history
+
+
+def test_object_weights_cover_the_cells_under_each_box():
+    metas = [{"objects": [{"bbox": [0, 0, 9, 9]}, {"bbox": [32, 17, 47, 32]}]}, {"objects": []}]
+    w = obj.object_weights(metas, (12, 12), 48, 5.0).view(2, 12, 12)
+    half = [{"image_size": 96, "objects": [{"bbox": [0, 0, 18, 18]}, {"bbox": [64, 34, 94, 64]}]}, {"objects": []}]
+    assert torch.equal(obj.object_weights(half, (12, 12), 48, 5.0).view(2, 12, 12), w)  # boxes of a 96 px original
+    expect = torch.ones(2, 12, 12)
+    expect[0, 0:3, 0:3] = 5.0  # pixels 0..8 touch code rows/cols 0..2 (4 px per code)
+    expect[0, 4:8, 8:12] = 5.0  # pixels 17..31 -> rows 4..7, 32..46 -> cols 8..11
+    assert torch.equal(w, expect)
+    assert obj.object_weights(metas, (12, 12), 48, 1.0) is None
+    assert obj.object_weights([{"caption": "no boxes"}], (12, 12), 48, 5.0) is None
+
+
+class FreeLogits(torch.nn.Module):
+    """A stand-in T2I model whose calibrated code logits are free parameters z - log w (one row)."""
+
+    def __init__(self, k: int, weights: torch.Tensor):
+        super().__init__()
+        self.config = type("C", (), {"t2i_code_weights": True})()
+        self.z = torch.nn.Parameter(torch.zeros(k))
+        self.register_buffer("t2i_log_weight", weights.log())
+
+    def t2i_logits(self, codes, states, mask):
+        return (self.z - self.t2i_log_weight).expand(codes.shape[0], codes[0].numel(), -1)
+
+
+def test_code_weighted_t2i_loss_trains_the_weighted_optimum_and_returns_calibrated_logits():
+    """Weighted NLL (weights by target code) has optimum softmax(z) ∝ w·p; the logits the model
+    returns, z - log w, then give p itself: extra weight on object codes must not inflate them."""
+    k = 5
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    w = torch.tensor([1.0, 1.0, 10.0, 10.0, 3.0])
+    model = FreeLogits(k, w)
+    codes = torch.multinomial(p, 4000, replacement=True, generator=torch.Generator().manual_seed(0)).view(-1, 1, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(400):
+        loss, _, _ = obj.t2i_loss(model, codes, None, None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    freq = torch.bincount(codes.flatten(), minlength=k).float() / codes.numel()
+    assert torch.allclose(model.z.softmax(0), freq * w / (freq * w).sum(), atol=2e-3)
+    calibrated = model.t2i_logits(codes[:1], None, None)[0, 0].softmax(0)
+    assert torch.allclose(calibrated, freq, atol=2e-3)
+    # the loss itself: sum_y w_y CE(z, y) / sum_y w_y
+    ce = -model.z.detach().log_softmax(0)[codes.flatten()]
+    ww = w[codes.flatten()]
+    assert obj.t2i_loss(model, codes, None, None)[0].item() == pytest.approx(float((ce * ww).sum() / ww.sum()), rel=1e-5)
+
+
+def test_t2i_code_weights_are_computed_from_object_boxes_saved_and_used_by_sampling(tmp_path, shapes_shards):
+    from mm.models.model import MMModel
+
+    cfg = tiny_config(tmp_path, t2i_object_weight=6.0)
+    cfg.data.train = [str(shapes_shards / "train")]  # 32 px images read at 16 px: boxes scale with them
+    task = PretrainTask(cfg)
+    m = task.model
+    assert m.config.t2i_code_weights
+    w = m.t2i_log_weight.exp()
+    assert float(w.min()) >= 1.0 - 1e-6 and float(w.max()) <= 6.0 + 1e-5 and float(w.max()) > 2.0
+    codes = torch.randint(0, m.config.codebook_size, (2, *m.config.code_grid))
+    states, mask = m.null_context(2)
+    raw = m.t2i_head(m.backbone(*m.code_embed(m.code_embed.inputs(codes), torch.arange(codes[0].numel())),
+                                states, mask, causal=True))
+    assert torch.allclose(m.t2i_logits(codes, states, mask), raw - m.t2i_log_weight, atol=1e-5)
+    logits, state = m.t2i_prefill(states, mask)
+    assert torch.allclose(logits, m.t2i_logits(codes, states, mask)[:, 0], atol=1e-5)
+    m.save_pretrained(tmp_path / "saved")
+    back = MMModel.from_pretrained(tmp_path / "saved")
+    assert back.config.t2i_code_weights and torch.equal(back.t2i_log_weight, m.t2i_log_weight)
+    from mm.generation.weights import decode_weights
+
+    bf16 = decode_weights(back, "bf16")
+    assert bf16.t2i_log_weight.dtype == torch.float32 and torch.equal(bf16.t2i_log_weight, m.t2i_log_weight)
+    # a model without code weights has no buffer and plain logits
+    plain = PretrainTask(tiny_config(tmp_path)).model
+    assert not plain.config.t2i_code_weights and not hasattr(plain, "t2i_log_weight")
