@@ -57,7 +57,7 @@ class ModelConfig:
     init: str = ""  # gpt | torch (weight init when training from scratch); empty = preset's (gpt)
     itm_pool: str = ""  # mean | max | attn: how the ITM head reads the fused states; empty = preset's (mean)
     vqa_pool: str = ""  # the same for the VQA classifier; VQA fine-tuning may change it (a new head)
-    vqa_fusion: str = ""  # fused | late | reader (mm.models.model.MMConfig); empty = the model's own
+    vqa_fusion: str = ""  # fused | late | reader | film (mm.models.model.MMConfig); empty = the model's own
 
 
 @dataclass
@@ -414,7 +414,8 @@ def validate(cfg: Config) -> Config:
         ("classify.pool", cfg.classify.pool in ("mean", "max", "attn"), "must be mean, max or attn"),
         ("model.itm_pool", cfg.model.itm_pool in ("", "mean", "max", "attn"), "must be mean, max or attn"),
         ("model.vqa_pool", cfg.model.vqa_pool in ("", "mean", "max", "attn"), "must be mean, max or attn"),
-        ("model.vqa_fusion", cfg.model.vqa_fusion in ("", "fused", "late", "reader"), "must be fused, late or reader"),
+        ("model.vqa_fusion", cfg.model.vqa_fusion in ("", "fused", "late", "reader", "film"),
+         "must be fused, late, reader or film"),
         ("model.patch_stem", cfg.model.patch_stem in ("", "linear", "conv"), "must be linear or conv"),
         ("model.image_pos", cfg.model.image_pos in ("", "rope2d", "learned", "both"), "must be rope2d, learned or both"),
         ("model.mlp", cfg.model.mlp in ("", "gelu", "gelu_exact", "swiglu"), "must be gelu, gelu_exact or swiglu"),

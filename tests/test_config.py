@@ -140,6 +140,17 @@ def test_mixed_precision_auto_follows_native_bf16(monkeypatch, capsys):
         setup.resolve_precision("fp16", cuda=False)
 
 
+def test_runs_in_one_process_may_use_different_precisions(monkeypatch):
+    """`mm demo` trains its stages in one process: a fp32 VQ, then bf16 pretraining."""
+    from mm.train import setup
+
+    monkeypatch.setattr(setup, "native_bf16", lambda cuda: True)
+    cfg = Config()
+    for precision in ("no", "auto", "bf16", "no"):
+        cfg.train.mixed_precision = precision
+        assert setup.make_accelerator(cfg).mixed_precision == {"auto": "bf16"}.get(precision, precision)
+
+
 @pytest.mark.parametrize("override", ["model.vqa_pool=cls", "model.itm_pool=sum", "model.vqa_fusion=early",
                                       "model.patch_stem=resnet", "model.mlp=relu",
                                       "model.image_pos=sinusoidal"])

@@ -50,7 +50,7 @@ from mm.nn.cache import BlockCache, make_caches
 from mm.nn.layers import MLP, POOLS, Block, Pool
 
 
-VQA_FUSIONS = ("fused", "late", "reader")
+VQA_FUSIONS = ("fused", "late", "reader", "film")
 
 
 @dataclass
@@ -96,7 +96,10 @@ class MMConfig:
     # models): the question reaches the answer directly, not only through cross-attention;
     # "reader" = the question tokens run through decoder_depth blocks of their own that cross-attend
     # to the fused patches (ALBEF/BLIP's direction: the question looks at the image), and the
-    # classifier reads [v, r], r their masked mean.
+    # classifier reads [v, r], r their masked mean; "film" = the pooled question scales and shifts
+    # every fused patch state (FiLM, Perez et al. 2018: h * (1 + gamma(q)) + beta(q)) before the
+    # classifier reads their mean and max, so a question word can pick out the one patch it is
+    # about (max) or count the patches (mean) instead of being averaged away first.
     vqa_fusion: str = "fused"
     # T2I trained with per-code loss weights w (objectives.t2i_object_weight): the model keeps
     # log w as a (K,) buffer and subtracts it from the code logits, so that sampling draws from
@@ -177,8 +180,11 @@ class MMModel(nn.Module):
         if residual_out is not None:  # apply() visits children first, so this overrides the above
             nn.init.normal_(residual_out.weight, std=0.02 / math.sqrt(2 * max(self.config.depth, 1)))
 
-    def _vqa_reader(self) -> nn.ModuleList | None:
+    def _vqa_reader(self) -> nn.Module | None:
+        """The question side of the VQA head: reader blocks, the FiLM projection, or nothing."""
         c = self.config
+        if c.vqa_fusion == "film":
+            return nn.Linear(c.width, 2 * c.width)  # pooled question -> (gamma, beta)
         if c.vqa_fusion != "reader":
             return None
         return nn.ModuleList([Block(c.width, c.heads, c.mlp_ratio, context_dim=c.width, mlp=c.mlp, norm=c.norm,
@@ -186,7 +192,7 @@ class MMModel(nn.Module):
 
     def _vqa_head(self, answers: int) -> nn.Module:
         d = self.config.width
-        d_in = {"fused": d, "late": 3 * d, "reader": 2 * d}[self.config.vqa_fusion]
+        d_in = {"fused": d, "late": 3 * d, "reader": 2 * d, "film": 2 * d}[self.config.vqa_fusion]
         return nn.Sequential(nn.Linear(d_in, 2 * d), nn.GELU(), nn.LayerNorm(2 * d), nn.Linear(2 * d, answers))
 
     def set_vqa_answers(self, answers: int) -> None:
@@ -265,6 +271,11 @@ class MMModel(nn.Module):
         if fusion == "late":
             q = masked_mean(text_states, text_mask).to(v.dtype)  # (B, D)
             return self.vqa_head(torch.cat([v, q, v * q], dim=-1))  # (B, 3D) -> (B, A)
+        if fusion == "film":
+            q = masked_mean(text_states, text_mask).to(fused.dtype)  # (B, D)
+            gamma, beta = self.vqa_reader(q).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
+            f = fused * (1 + gamma) + beta  # (B, Li, D): each patch, scaled by what the question asks
+            return self.vqa_head(torch.cat([f.mean(1), f.amax(1)], dim=-1))  # (B, 2D) -> (B, A)
         r = text_states.to(fused.dtype)  # (B, Lt, D): each question token asks the patches
         for blk in self.vqa_reader:
             r = blk(r, fused, key_mask=text_mask)  # self-attention over the question, cross to the patches

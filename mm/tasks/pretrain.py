@@ -394,12 +394,16 @@ def cli_eval_retrieval(args: argparse.Namespace) -> int:
     first = torch.tensor(first)  # one sample per distinct text
     sim = torch.cat(img_emb) @ torch.cat(txt_emb)[first].t()  # (Ni, Nt)
 
-    def itm_score(pairs: torch.Tensor) -> torch.Tensor:  # (P, 2) (image, text) -> (P,) match margin
+    scale = float(model.itc_logit_scale())
+
+    def itm_score(pairs: torch.Tensor) -> torch.Tensor:  # (P, 2) (image, text) -> (P,)
+        # The ITM match log-odds added to the ITC logit of the pair: ITM refines ITC's ranking
+        # rather than replacing it (an ITM head weaker than ITC alone would undo it).
         x = images[pairs[:, 0]].to(device).float().div(127.5).sub(1.0)
         t = first[pairs[:, 1]]
         states, mask = model.encode_text(ids[t].to(device), masks[t].to(device))
-        logits = model.itm_logits(model.fuse(x, states, mask)).float()
-        return logits[:, 1] - logits[:, 0]
+        logits = model.itm_logits(model.fuse(x, states, mask)).float().cpu()
+        return logits[:, 1] - logits[:, 0] + scale * sim[pairs[:, 0], pairs[:, 1]]
 
     # Positives: every caption true of an image (shapes metadata), else each image's own caption.
     single = [[t] for t in of_sample]

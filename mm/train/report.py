@@ -181,7 +181,7 @@ def examples(pretrain_dir: Path, vqa_dir: Path, test: str, num: int, out: Path) 
     rows = []
     for i, (image, caption, meta) in enumerate(zip(to_pil(batch["image"]), captions, batch["meta"])):
         path = out / "examples" / f"{i}.png"
-        image.resize((32 * SHOW, 32 * SHOW), Image.Resampling.NEAREST).save(path)
+        image.resize((image.width * SHOW, image.height * SHOW), Image.Resampling.NEAREST).save(path)
         qas = meta.get("qa", [])[:2]
         answers = answerer([image] * len(qas), [q["question"] for q in qas]) if qas else []
         rows.append({"image": str(path.relative_to(out.parent)), "caption": caption,

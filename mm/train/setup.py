@@ -59,6 +59,12 @@ def make_accelerator(cfg: Config):
     precision = resolve_precision(cfg.train.mixed_precision, cuda)
     # find_unused_parameters: objectives switched per step leave some weights without grads.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.run.stage != "vq")
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps one process-wide state; a second run in the same process (the stages of
+    # `mm demo`, a notebook) may ask for another precision. The distributed state stays.
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=not cuda, mixed_precision=precision, kwargs_handlers=[ddp])
 
 

@@ -279,6 +279,37 @@ def test_reader_vqa_fusion_lets_the_question_tokens_look_at_the_patches(tmp_path
     assert plain.vqa_logits(fused, text, mask).shape == (2, 3)
 
 
+def test_film_vqa_fusion_scales_each_patch_by_the_question(tmp_path):
+    from mm.models.model import MMModel
+    from mm.models.presets import create_model
+
+    torch.manual_seed(0)
+    model = create_model("debug", vqa_fusion="film").eval()
+    model.set_vqa_answers(4)
+    d = model.config.width
+    fused = torch.randn(2, 16, d)
+    text, mask = torch.randn(2, 5, d), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    out = model.vqa_logits(fused, text, mask)
+    # naive reference, patch by patch
+    rows = []
+    for b, n in enumerate((3, 5)):
+        q = text[b, :n].mean(0)
+        gb = model.vqa_reader.weight @ q + model.vqa_reader.bias  # (2D,)
+        gamma, beta = gb[:d], gb[d:]
+        f = torch.stack([fused[b, i] * (1 + gamma) + beta for i in range(16)])
+        rows.append(torch.cat([f.mean(0), f.max(0).values]))
+    torch.testing.assert_close(out, model.vqa_head(torch.stack(rows)))
+    other = text.clone()
+    other[0, 3:] = 100.0  # padding is not read
+    torch.testing.assert_close(model.vqa_logits(fused, other, mask)[0], out[0])
+    model.save_pretrained(tmp_path / "m")
+    torch.testing.assert_close(MMModel.from_pretrained(tmp_path / "m").vqa_logits(fused, text, mask), out)
+    plain = create_model("debug")  # a pretrained model gets the FiLM projection at VQA fine-tuning
+    plain.config.vqa_fusion = "film"
+    plain.set_vqa_answers(3)
+    assert plain.vqa_logits(fused, text, mask).shape == (2, 3)
+
+
 def test_frozen_builtin_text_encoder_trains_only_its_projection(tmp_path):
     from mm.models.model import MMModel
     from mm.models.presets import create_model
