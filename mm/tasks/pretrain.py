@@ -368,7 +368,8 @@ def _write(metrics: dict, out: str) -> None:
 
 @torch.no_grad()
 def cli_eval_retrieval(args: argparse.Namespace) -> int:
-    """Image→text and text→image R@1/5/10 and RSUM: ITC ranking, then ITM re-ranking of the top-k.
+    """Image→text and text→image R@1/5/10 and RSUM: ITC ranking, then the top-k re-ranked by the
+    ITC logit plus the ITM match log-odds (``itc_*`` keys: ITC alone).
 
     Samples with identical captions share one text (see ``retrieval_metrics``). On shapes data a
     caption is a hit for every image it is true of (``"positives": "truth"``), else only for its

@@ -1,4 +1,4 @@
-"""``mm demo [--out DIR] [--fast]``: the whole pipeline on the built-in shapes data, offline.
+"""``mm demo [--out DIR] [--fast | --long]``: the whole pipeline on the built-in shapes data, offline.
 
     [1/9] data      write the shapes shards into DIR/data (the demo's own cache: self-contained)
     [2/9] vq        train the VQ image tokenizer                        -> DIR/vq/final
@@ -13,8 +13,9 @@
                     top-1, detection mAP on the test split
 
 then ``DIR/report.json`` and ``DIR/report.md`` (mm.train.report). Every stage calls the library
-directly with a config from ``configs/demo/`` (``STAGE.yaml``, or ``STAGE_fast.yaml`` with
-``--fast``); only the folders of this demo are set on top of it. A stage that finishes writes
+directly with a config from ``configs/demo/`` (``STAGE.yaml``; ``STAGE_fast.yaml`` with
+``--fast``, a first look in ~3 minutes; ``STAGE_long.yaml`` with ``--long``, the long recipe of
+~80 minutes on 2 CPU cores); only the folders of this demo are set on top of it. A stage that finishes writes
 ``DIR/stages/NAME.json`` (its result and wall/CPU seconds), so running the same command again
 skips finished stages and the training stages resume from their newest checkpoint. The output
 of the library (progress bars, eval prints) goes to ``DIR/logs/NAME.log``; the console gets one
@@ -38,13 +39,14 @@ STAGES = ("data", "vq", "codes", "pretrain", "generate", "vqa", "classify", "det
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
 
 # Sampling for the held-out prompt grid and the compositional score.
-IMAGES_PER_PROMPT = {"full": 4, "fast": 1}
-PROMPT_STRIDE = {"full": 1, "fast": 5}  # fast: every 5th of the 60 held-out prompts
+IMAGES_PER_PROMPT = {"full": 4, "fast": 1, "long": 4}
+PROMPT_STRIDE = {"full": 1, "fast": 5, "long": 1}  # fast: every 5th of the 60 held-out prompts
 GUIDANCE = 3.0
 TOP_K = 0  # the tiny model's distributions are peaked already; plain sampling with CFG
 # Evaluation on the test split (shapes_val samples); examples shown in the report.
-EVAL_SAMPLES = {"full": 500, "fast": 64}
-RETRIEVAL_RERANK_K = {"full": 16, "fast": 4}
+EVAL_SAMPLES = {"full": 500, "fast": 64, "long": 500}
+RETRIEVAL_RERANK_K = {"full": 16, "fast": 4, "long": 16}
+MODES = ("full", "fast", "long")  # configs/demo/STAGE.yaml, STAGE_fast.yaml, STAGE_long.yaml
 NUM_EXAMPLES = 8
 
 
@@ -53,16 +55,18 @@ class DemoStopped(Exception):
 
 
 class Demo:
-    def __init__(self, out: str | Path, fast: bool):
+    def __init__(self, out: str | Path, mode: str = "full"):
+        if mode not in MODES:
+            raise MMError(f"demo mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.out = Path(out).expanduser()
-        self.mode = "fast" if fast else "full"
+        self.mode = mode
         self.stages_dir = self.out / "stages"
         self.logs_dir = self.out / "logs"
 
     # -- configs and folders --------------------------------------------------------------------
 
     def config_path(self, stage: str) -> Path:
-        path = CONFIG_DIR / (f"{stage}_fast.yaml" if self.mode == "fast" else f"{stage}.yaml")
+        path = CONFIG_DIR / (f"{stage}.yaml" if self.mode == "full" else f"{stage}_{self.mode}.yaml")
         if not path.is_file():
             raise MMError(f"demo config {path} is missing; reinstall mm from its source tree (configs/demo/)")
         return path
@@ -85,7 +89,7 @@ class Demo:
         if marker.is_file():
             saved = json.loads(marker.read_text()).get("mode")
             if saved != self.mode:
-                flag = "--fast " if saved == "fast" else ""
+                flag = "" if saved == "full" else f"--{saved} "
                 raise MMError(f"{self.out} holds a {saved} demo; run `mm demo {flag}--out {self.out}` to resume "
                               "it or choose another --out")
         if self.out.exists() and not self.out.is_dir():
@@ -238,8 +242,11 @@ def summary_line(stage: str, r: dict) -> str:
 
 
 def cli_demo(args: argparse.Namespace) -> int:
-    """``mm demo [--out DIR] [--fast]``."""
-    demo = Demo(args.out, getattr(args, "fast", False))
+    """``mm demo [--out DIR] [--fast | --long]``."""
+    if getattr(args, "fast", False) and getattr(args, "long", False):
+        raise MMError("--fast and --long exclude each other; pick one (or neither for the 15-minute demo)")
+    mode = "fast" if getattr(args, "fast", False) else "long" if getattr(args, "long", False) else "full"
+    demo = Demo(args.out, mode)
     started = time.time()
     try:
         report = demo.run()

@@ -64,3 +64,25 @@ def test_demo_fast_offline_writes_complete_report_and_resumes(tmp_path, no_netwo
     assert main(["demo", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "holds a fast demo" in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_modes_have_every_stage_config_and_fast_long_exclude_each_other(tmp_path, capsys):
+    from mm.config import load_config
+    from mm.train.demo import MODES, STAGES, Demo
+
+    for mode in MODES:
+        demo = Demo(tmp_path / mode, mode)
+        for stage in ("vq", "pretrain", "vqa", "classify", "detect"):
+            cfg = load_config(demo.config_path(stage))
+            assert cfg.run.stage == stage or stage == "pretrain"
+        # every full-size stage reads the image size its pretraining writes
+        size = load_config(demo.config_path("pretrain")).data.image_size
+        assert all(load_config(demo.config_path(s)).data.image_size == size for s in ("vq", "vqa", "classify"))
+    assert len(STAGES) == 9
+    assert main(["demo", "--fast", "--long", "--out", str(tmp_path / "x")]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    (tmp_path / "long").mkdir()
+    (tmp_path / "long" / "demo.json").write_text('{"mode": "long"}\n')
+    assert main(["demo", "--out", str(tmp_path / "long")]) == 2
+    err = capsys.readouterr().err
+    assert "holds a long demo" in err and "mm demo --long --out" in err
