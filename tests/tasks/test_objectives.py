@@ -226,7 +226,7 @@ def test_t2i_code_weights_are_computed_from_object_boxes_saved_and_used_by_sampl
     raw = m.t2i_head(m.backbone(*m.code_embed(m.code_embed.inputs(codes), torch.arange(codes[0].numel())),
                                 states, mask, causal=True))
     assert torch.allclose(m.t2i_logits(codes, states, mask), raw - m.t2i_log_weight, atol=1e-5)
-    logits, state = m.t2i_prefill(states, mask)
+    logits, _ = m.t2i_prefill(states, mask)
     assert torch.allclose(logits, m.t2i_logits(codes, states, mask)[:, 0], atol=1e-5)
     m.save_pretrained(tmp_path / "saved")
     back = MMModel.from_pretrained(tmp_path / "saved")
