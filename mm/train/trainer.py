@@ -404,6 +404,7 @@ class Trainer:
                     else:  # stopped (e.g. by a signal) after its last step: finish as a straight run does
                         self._finish(done)
                 return done
+            saved = None  # the step of the last checkpoint written by this loop
             while p.step < stop_at:
                 cpu, wall = time.process_time(), time.monotonic()
                 metrics = self.step(batches)
@@ -434,7 +435,9 @@ class Trainer:
                     break
                 if cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0:
                     self.save()
-            self.save()
+                    saved = p.step
+            if saved != p.step:  # the last step's periodic checkpoint already is the final one
+                self.save()
             result = {"step": p.step, "stopped_by": reason, "run_dir": str(self.run_dir)}
             if reason in ("max_steps", "time_limit"):  # the run is finished: evaluate and export
                 self._finish(result)

@@ -38,6 +38,9 @@ from .conftest import (
 )
 
 STEPS, EVERY = 18, 3  # checkpoints at 3, 6, 9, ...: most kills lose steps that must be replayed
+# One process goes through more faults: the kills before the full disk may leave it resuming
+# from step 15 at worst, and the disk must then fill before a checkpoint that is not the last.
+STEPS_ONE = 24
 FILE_LIMIT = 128 * 1024  # bytes: above the logs, below one checkpoint's model file
 
 
@@ -77,7 +80,7 @@ def training_processes(pid: int) -> list[int]:
 @pytest.fixture(scope="module")
 def straight_one(tmp_path_factory, shapes_cache):
     run = tmp_path_factory.mktemp("straight1") / "run"
-    launch = Launch(vq_args(run, shapes_cache, **{"train.max_steps": STEPS, "train.checkpoint_every": EVERY}),
+    launch = Launch(vq_args(run, shapes_cache, **{"train.max_steps": STEPS_ONE, "train.checkpoint_every": EVERY}),
                     run.parent / "logs")
     assert launch.wait() == 0, launch.stderr()[-3000:]
     return run
@@ -85,7 +88,7 @@ def straight_one(tmp_path_factory, shapes_cache):
 
 def test_one_process_kills_disk_full_sigint(straight_one, tmp_path, shapes_cache):
     run, logs = tmp_path / "run", tmp_path / "logs"
-    args = vq_args(run, shapes_cache, **{"train.max_steps": STEPS, "train.checkpoint_every": EVERY})
+    args = vq_args(run, shapes_cache, **{"train.max_steps": STEPS_ONE, "train.checkpoint_every": EVERY})
     rng = random.Random(10)
     events = [kill_at_random(Launch(args, logs), run, rng)]
     events += kill_in_checkpoint_write(args, run, logs)
@@ -98,6 +101,7 @@ def test_one_process_kills_disk_full_sigint(straight_one, tmp_path, shapes_cache
     while newest_checkpoint(run) == before and launch.running() and time.time() < deadline:
         time.sleep(0.01)
     intact = newest_checkpoint(run)
+    assert intact + EVERY < STEPS_ONE, f"the disk must fill before the last checkpoint (step_{intact} complete)"
     resource.prlimit(launch.proc.pid, resource.RLIMIT_FSIZE, (FILE_LIMIT, FILE_LIMIT))
     assert launch.wait() == 2, launch.stderr()[-3000:]
     err = launch.stderr()
