@@ -1,17 +1,5 @@
-"""Does the text-to-image model bind each word of a prompt? A likelihood probe, no sampling.
-
-For held-out shapes images (val or test split) it scores the image's true VQ codes under its true
-prompt and under every prompt that differs in one attribute, and counts how often the true
-prompt has the highest likelihood (teacher forcing, the model's calibrated code logits):
-
-- colour, shape, cell: one-object images, prompt "a {colour} {shape} in the {cell}";
-  alternatives: the 5 other colours, 3 other shapes, 8 other cells (chance 1/6, 1/4, 1/9);
-- count: images whose objects all share colour and shape, prompt "{n} {colour} {shape}s";
-  alternatives: the other counts 1..4 (chance 1/4).
-
-High probe accuracy with a low compositional score says the model has learned what a word means
-but sampling does not realise it (exposure, guidance, temperature); a probe at chance says the
-model has not learned the word. Usage:
+"""Which prompt words does a text-to-image model bind? The likelihood probe of mm.eval.t2i_probe
+on held-out shapes images (val or test split), printed as JSON. Usage:
 
     python scripts/t2i_probe.py --model RUN/final --data DATA_ROOT [--max-images 500] [--out probe.json]
 """
@@ -20,69 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 
-import torch
-
-from mm.data.shapes import CELLS, COLORS, SHAPES
-from mm.data.shapes_text import noun_phrase
-
-
-def prompt_variants(objects: list[dict]) -> dict[str, tuple[str, list[str]]]:
-    """{attribute: (true prompt, [alternative prompts])} for the attributes an image can test."""
-    out = {}
-    if len(objects) == 1:
-        o = objects[0]
-        def one(color, shape, cell):
-            return f"{noun_phrase(color, shape, 1)} in the {cell}"
-        true = one(o["color"], o["shape"], o["cell"])
-        out["colour"] = (true, [one(c, o["shape"], o["cell"]) for c in COLORS if c != o["color"]])
-        out["shape"] = (true, [one(o["color"], s, o["cell"]) for s in SHAPES if s != o["shape"]])
-        out["cell"] = (true, [one(o["color"], o["shape"], c) for c in CELLS if c != o["cell"]])
-    if len({(o["color"], o["shape"]) for o in objects}) == 1:
-        c, s, n = objects[0]["color"], objects[0]["shape"], len(objects)
-        out["count"] = (noun_phrase(c, s, n), [noun_phrase(c, s, k) for k in range(1, 5) if k != n])
-    return out
-
-
-@torch.no_grad()
-def code_log_likelihood(model, tokenizer, codes: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """log p(codes | prompt) for each prompt (P,), codes (h, w) of one image."""
-    ids, mask = tokenizer.encode(prompts, model.config.text_max_len)
-    ids, mask = ids.to(codes.device), mask.to(codes.device)
-    states, smask = model.encode_text(ids, mask)  # (P, L, D), (P, L)
-    batch = codes.unsqueeze(0).expand(len(prompts), -1, -1)  # (P, h, w)
-    logp = model.t2i_logits(batch, states, smask).float().log_softmax(-1)  # (P, N, K)
-    return logp.gather(-1, batch.flatten(1).unsqueeze(-1)).squeeze(-1).sum(-1)  # (P,)
-
-
-def probe_images(model, tokenizer, codes: torch.Tensor, metas: list[dict], hits: Counter, totals: Counter) -> None:
-    """Add one image batch, codes (B, h, w) with their json metadata, to ``hits`` and ``totals``.
-    A hit needs the true prompt strictly above every alternative: a model that ignores the text
-    (all likelihoods equal) scores 0, not 100 %."""
-    for i, meta in enumerate(metas):
-        for attr, (true, others) in prompt_variants(meta["objects"]).items():
-            ll = code_log_likelihood(model, tokenizer, codes[i], [true, *others])
-            hits[attr] += int(bool(ll[0] > ll[1:].max()))
-            totals[attr] += 1
-
-
-def summary(hits: Counter, totals: Counter) -> dict:
-    out = {a: {"accuracy": round(100 * hits[a] / totals[a], 1), "images": totals[a]} for a in sorted(totals)}
-    out["chance"] = {"colour": 16.7, "shape": 25.0, "cell": 11.1, "count": 25.0}
-    return out
-
-
-def probe(model, tokenizer, vq, loader, max_images: int, device) -> dict:
-    hits, totals, seen = Counter(), Counter(), 0
-    for batch in loader:
-        n = min(len(batch["meta"]), max_images - seen)
-        codes = vq.encode(batch["image"][:n].to(device))  # (n, h, w)
-        probe_images(model, tokenizer, codes, batch["meta"][:n], hits, totals)
-        seen += n
-        if seen >= max_images:
-            break
-    return summary(hits, totals)
+from mm.eval.t2i_probe import probe
 
 
 def main(argv=None) -> int:

@@ -6,8 +6,9 @@
 For each run folder written by ``mm train`` (config.yaml, checkpoints/step_N/, metrics.jsonl,
 progress.json), every complete checkpoint is evaluated by the run's stage:
 
-- pretrain: T2I compositional accuracy on ``--num-prompts`` held-out prompts (mm.eval.t2i) when
-  ``objectives.t2i`` > 0; retrieval R@1 both ways on ``--data`` (the ``mm eval retrieval``
+- pretrain: T2I compositional accuracy on ``--num-prompts`` held-out prompts (mm.eval.t2i) and
+  the word-binding probe on ``--data`` (mm.eval.t2i_probe: ``t2i_probe_colour/shape/cell/count``)
+  when ``objectives.t2i`` > 0; retrieval R@1 both ways on ``--data`` (the ``mm eval retrieval``
   function, ITM re-ranking of the top 16 when ``objectives.itm`` > 0) when ``objectives.itc`` > 0;
 - vqa: VQA accuracy on every question of ``--data`` (the ``mm eval vqa --model`` function);
 - vq: the val PSNR the trainer logged at that step (metrics.jsonl), when it validated there.
@@ -103,6 +104,7 @@ def eval_pretrain(cfg, model: Path, args, eval_dir: Path) -> dict:
 
         t2i = evaluate_t2i(TextToImagePipeline.from_pretrained(model), args.num_prompts)
         metrics["t2i_compositional_accuracy"] = 100.0 * t2i["t2i_compositional_accuracy"]  # percent, as the rest
+        metrics.update(probe_metrics(model, args))
     if cfg.objectives.itc > 0:
         from mm.tasks.pretrain import cli_eval_retrieval
 
@@ -112,6 +114,17 @@ def eval_pretrain(cfg, model: Path, args, eval_dir: Path) -> dict:
         metrics["retrieval_r1_i2t"], metrics["retrieval_r1_t2i"] = ret["i2t_r1"], ret["t2i_r1"]
         metrics.update({f"retrieval_{name}": v for name, v in ret.items() if name.endswith("_single")})
     return metrics
+
+
+def probe_metrics(model: Path, args) -> dict:
+    """``t2i_probe_{colour,shape,cell,count}``: which prompt words the model binds (mm.eval.t2i_probe)
+    on the first ``--max-samples`` images of ``--data``; none for data without shapes objects."""
+    from mm.eval.t2i_probe import probe
+    from mm.tasks.pretrain import _eval_setup
+
+    m, tokenizer, vq, device, loader = _eval_setup(argparse.Namespace(model=str(model), data=args.data, batch_size=32))
+    found = probe(m, tokenizer, vq, loader, args.max_samples, device)
+    return {f"t2i_probe_{attr}": v["accuracy"] for attr, v in found.items() if attr != "chance"}
 
 
 def eval_vqa(model: Path, args) -> dict:
@@ -131,7 +144,8 @@ def eval_checkpoint(run_dir: Path, cfg, step: int, path: Path, use_final: bool, 
     # A run folder trained again from scratch has new checkpoints under the same names.
     source = {"checkpoint": str(path.resolve()), "written": (path / ckpt.COMPLETE).stat().st_mtime_ns,
               "model": "final" if use_final else "checkpoint"}
-    settings = {**source, "data": args.data, "max_samples": args.max_samples, "num_prompts": args.num_prompts}
+    settings = {**source, "data": args.data, "max_samples": args.max_samples, "num_prompts": args.num_prompts,
+                "t2i_probe": 1}  # figures kept before the probe existed are evaluated again
     saved = cache / "eval" / "curves.json"
     if saved.is_file() and json.loads(saved.read_text()).get("settings") == settings:
         return json.loads(saved.read_text())["metrics"]

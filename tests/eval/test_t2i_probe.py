@@ -1,17 +1,18 @@
-"""scripts/t2i_probe.py: the likelihood probe of what a T2I model binds from its prompt.
+"""mm.eval.t2i_probe (scripts/t2i_probe.py, mm eval curves): the likelihood probe of what a
+text-to-image model binds from its prompt.
 
 A model that ignores the text scores 0 on every attribute (ties are not hits); a tiny model
 overfit on four renders that differ only in their cell scores 100 % on the cell; the prompt
 alternatives are the right ones for hand-made scenes.
 """
 
-import importlib.util
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
+from mm.eval import t2i_probe as probe
 from mm.eval.t2i import rendered_references
 from mm.models.vq import VQTokenizer
 
@@ -19,19 +20,12 @@ ROOT = Path(__file__).resolve().parents[2]
 CELLS4 = ("top left", "top right", "bottom left", "bottom right")
 
 
-def load_probe():
-    spec = importlib.util.spec_from_file_location("t2i_probe", ROOT / "scripts" / "t2i_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def obj(color, shape, cell):
     return {"color": color, "shape": shape, "cell": cell, "size": "large"}
 
 
 def test_prompt_variants_of_hand_made_scenes():
-    variants = load_probe().prompt_variants
+    variants = probe.prompt_variants
     one = variants([obj("red", "circle", "center")])
     assert one["colour"][0] == one["cell"][0] == "a red circle in the center"
     assert len(one["colour"][1]) == 5 and len(one["shape"][1]) == 3 and len(one["cell"][1]) == 8
@@ -68,7 +62,7 @@ def tiny_model(tok, vq):
                         image_size=48, patch_size=16, text_max_len=24)
 
 
-def cell_accuracy(probe, model, tok, codes, metas) -> float:
+def cell_accuracy(model, tok, codes, metas) -> float:
     hits, totals = Counter(), Counter()
     model.eval()
     probe.probe_images(model, tok, codes, metas, hits, totals)
@@ -78,13 +72,12 @@ def cell_accuracy(probe, model, tok, codes, metas) -> float:
 def test_probe_is_zero_without_text_and_full_after_learning_the_cells(cell_data):
     from mm.tasks.objectives import t2i_loss
 
-    probe = load_probe()
     codes, metas, prompts, tok, vq = cell_data
     model = tiny_model(tok, vq)
     for block in model.backbone.blocks:  # the codes can no longer see the text: every prompt ties
         torch.nn.init.zeros_(block.cross.out.weight)
         torch.nn.init.zeros_(block.cross.out.bias)
-    assert cell_accuracy(probe, model, tok, codes, metas) == 0.0
+    assert cell_accuracy(model, tok, codes, metas) == 0.0
 
     model = tiny_model(tok, vq)
     ids, mask = tok.encode(prompts, max_len=24)
@@ -96,4 +89,4 @@ def test_probe_is_zero_without_text_and_full_after_learning_the_cells(cell_data)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert cell_accuracy(probe, model, tok, codes, metas) == 100.0
+    assert cell_accuracy(model, tok, codes, metas) == 100.0

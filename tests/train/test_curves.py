@@ -21,6 +21,7 @@ from .test_export import make_tiny_vq
 
 STEPS = 4
 KEYS = {"t2i_compositional_accuracy", "retrieval_r1_i2t", "retrieval_r1_t2i"}
+PROBED = {f"t2i_probe_{a}" for a in ("colour", "shape", "cell", "count")}
 
 
 def _snapshot(folder):
@@ -66,6 +67,9 @@ def test_one_row_per_checkpoint_with_increasing_training_time(curves):
     for r in rows:
         assert KEYS <= set(r["metrics"]), r["metrics"]
         assert all(0.0 <= r["metrics"][k] <= 100.0 for k in KEYS)
+        probed = {k for k in r["metrics"] if k.startswith("t2i_probe_")}  # the 8 test images have
+        assert probed == PROBED, r["metrics"]  # one-object ones and same-kind groups
+        assert all(0.0 <= r["metrics"][k] <= 100.0 for k in probed)
     # the earlier checkpoint is exported by the tool; the finished run's own export stands for the last
     assert [r["model"] for r in rows] == ["checkpoint", "final"]
     assert (out / "exports" / "pretrain" / "step_2" / "config.json").is_file()
