@@ -22,6 +22,7 @@ import torch
 
 from mm.data.shapes import CELLS, COLORS, SHAPES
 from mm.data.shapes_text import noun_phrase
+from mm.data.shapes_truth import is_shapes_meta
 
 CHANCE = {"colour": 16.7, "shape": 25.0, "cell": 11.1, "count": 25.0}  # percent
 
@@ -59,6 +60,8 @@ def probe_images(model, tokenizer, codes: torch.Tensor, metas: list[dict], hits:
     A hit needs the true prompt strictly above every alternative: a model that ignores the text
     (all likelihoods equal) scores 0, not 100 %."""
     for i, meta in enumerate(metas):
+        if not is_shapes_meta(meta):  # other data sets (an ingested folder) have nothing to probe
+            continue
         for attr, (true, others) in prompt_variants(meta["objects"]).items():
             ll = code_log_likelihood(model, tokenizer, codes[i], [true, *others])
             hits[attr] += int(bool(ll[0] > ll[1:].max()))

@@ -49,7 +49,7 @@ def cell_data(tmp_path_factory):
     words = [s["prompt"] for s in specs] + ["a red circle in the center", "in the middle left middle right",
                                              "top center bottom center"]
     tok = load_tokenizer(train_tokenizer(words * 4, 300, tmp_path_factory.mktemp("tok")))
-    metas = [{"objects": [obj("red", "circle", c)]} for c in CELLS4]
+    metas = [{"objects": [{**obj("red", "circle", c), "bbox": [0, 0, 15, 15]}], "image_size": 48} for c in CELLS4]
     return codes, metas, [s["prompt"] for s in specs], tok, vq
 
 
@@ -90,3 +90,6 @@ def test_probe_is_zero_without_text_and_full_after_learning_the_cells(cell_data)
         loss.backward()
         opt.step()
     assert cell_accuracy(model, tok, codes, metas) == 100.0
+    hits, totals = Counter(), Counter()  # metadata that is not shapes' (an ingested folder): skipped
+    probe.probe_images(model, tok, codes, [{"label": "cat"}, {}, None, {"objects": "x"}], hits, totals)
+    assert not totals
