@@ -174,7 +174,7 @@ def _add_model_commands(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the built-in shapes data")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--fast", action="store_true", help="a first look in about 3 minutes")
-    p.add_argument("--long", action="store_true", help="the long recipe: about 80 minutes on 2 CPU cores")
+    p.add_argument("--long", action="store_true", help="the long recipe: about 70-95 minutes on 2 CPU cores")
     p.set_defaults(func="mm.train.demo:cli_demo")
 
 

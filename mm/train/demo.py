@@ -15,7 +15,7 @@
 then ``DIR/report.json`` and ``DIR/report.md`` (mm.train.report). Every stage calls the library
 directly with a config from ``configs/demo/`` (``STAGE.yaml``; ``STAGE_fast.yaml`` with
 ``--fast``, a first look in ~3 minutes; ``STAGE_long.yaml`` with ``--long``, the long recipe of
-~80 minutes on 2 CPU cores); only the folders of this demo are set on top of it. A stage that finishes writes
+~70-95 minutes on 2 CPU cores); only the folders of this demo are set on top of it. A stage that finishes writes
 ``DIR/stages/NAME.json`` (its result and wall/CPU seconds), so running the same command again
 skips finished stages and the training stages resume from their newest checkpoint. The output
 of the library (progress bars, eval prints) goes to ``DIR/logs/NAME.log``; the console gets one

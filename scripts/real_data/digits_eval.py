@@ -51,6 +51,7 @@ def main() -> None:
     from sklearn.linear_model import LogisticRegression
 
     from mm.generation import TextToImagePipeline
+    from mm.generation.pipeline import to_tensor
     from mm.generation.text import generate_captions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -85,8 +86,7 @@ def main() -> None:
 
     model, tokenizer = pipe.model, pipe.tokenizer
     pngs = sorted((data / "val").glob("*.png"))
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize(
-        (model.config.image_size,) * 2), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1 for p in pngs])
+    x = to_tensor([Image.open(p) for p in pngs], model.config.image_size)  # (N, 3, S, S) in [-1, 1]
     captions = []
     with torch.no_grad():
         for i in range(0, len(x), 64):
