@@ -14,6 +14,7 @@ import os
 import sys
 
 from mm.errors import MMError
+from mm.generation import DEFAULT_GUIDANCE
 
 
 def _add_data(sub) -> None:
@@ -95,7 +96,7 @@ def _add_eval(sub) -> None:
     p = esub.add_parser("t2i", help="compositional text-to-image score on held-out shapes prompts")
     p.add_argument("--model", required=True)
     p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance (1 = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fid-data", default="", help="shards of real images for FID (optional)")
     p.add_argument("--inception", default="", help="local Inception weights for FID (default: mm features)")
@@ -124,7 +125,7 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--num-images", type=int, default=4)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance (1 = none)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)

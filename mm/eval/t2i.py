@@ -1,6 +1,6 @@
 """Text-to-image evaluation: compositional score on held-out shapes prompts, ITC score, FID.
 
-``mm eval t2i --model DIR [--num-prompts N] [--guidance 3] [--seed 0] [--fid-data SHARDS]
+``mm eval t2i --model DIR [--num-prompts N] [--guidance 1.5] [--seed 0] [--fid-data SHARDS]
 [--inception PATH] [--out M.json]``
 
 - **Compositional score** (GenEval-style, offline): generate an image for each held-out shapes
@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from mm.errors import MMError
+from mm.generation import DEFAULT_GUIDANCE
 
 ATTRIBUTES = ("color", "shape", "count", "position")
 MAX_PROMPTS = 10_000
@@ -229,7 +230,7 @@ def shard_images(spec: str, size: int, limit: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_t2i(pipe, num_prompts: int = 64, guidance: float = 3.0, seed: int = 0,
+def evaluate_t2i(pipe, num_prompts: int = 64, guidance: float = DEFAULT_GUIDANCE, seed: int = 0,
                  reference: torch.Tensor | None = None, features=None, batch: int = 64) -> dict:
     """Generate for held-out prompts and score them. ``reference``: real images for FID
     (default: rendered drawings of the prompts); ``features``: FID extractor (default: mm's)."""

@@ -8,6 +8,12 @@
 Nothing heavy is imported here: the names below load their module on first use.
 """
 
+# Classifier-free guidance scale of every default (pipeline, `mm generate`, `mm eval t2i`, the demo).
+# Measured on four shapes T2I models (BENCHMARKS.md, session 13): 1.5 scores best or tied of
+# 1 / 1.5 / 2 / 3 / 5; at 3 the guided branch adds objects and counts fail (T2I alone at 3,000
+# steps: 22.5 % at 1.5, 15.4 % at 3, 6.7 % at 5).
+DEFAULT_GUIDANCE = 1.5
+
 
 def cli_generate(args):
     from mm.generation.cli import cli_generate as run

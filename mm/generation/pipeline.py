@@ -2,7 +2,7 @@
 
     pipe = TextToImagePipeline.from_pretrained("runs/pretrain/final")     # or a run folder
     images = pipe(["a red circle", "two blue squares"], num_images_per_prompt=4,
-                  guidance_scale=3.0, top_k=0, top_p=1.0, temperature=1.0, seed=0)   # PIL images
+                  guidance_scale=1.5, top_k=0, top_p=1.0, temperature=1.0, seed=0)   # PIL images
 
 Images come back prompt by prompt (prompt 0's images first). Image j of every prompt uses seed
 ``seed + j`` (or pass one seed per image), so an image does not change when other prompts are
@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from mm.errors import MMError
+from mm.generation import DEFAULT_GUIDANCE
 from mm.generation.sampler import MAX_IMAGES, SamplingParams, sample_codes, seeds_tensor
 from mm.generation.sjd import sample_codes_sjd
 from mm.generation.weights import WEIGHTS, decode_weights
@@ -170,7 +171,7 @@ class TextToImagePipeline:
     # ---- images -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate_codes(self, prompts, num_images_per_prompt: int = 1, guidance_scale: float = 3.0,
+    def generate_codes(self, prompts, num_images_per_prompt: int = 1, guidance_scale: float = DEFAULT_GUIDANCE,
                        top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0, seed=0,
                        negative_prompt: str | list[str] | None = None, guidance_schedule: str = "constant",
                        guidance_interval: tuple[int, int] | None = None, cache: str = "static",

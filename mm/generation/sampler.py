@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from mm.errors import MMError
+from mm.generation import DEFAULT_GUIDANCE
 
 MASK32 = 0xFFFFFFFF
 MAX_IMAGES = 1024  # a larger request is almost surely a typo (and would not fit in memory)
@@ -61,9 +62,10 @@ MAX_IMAGES = 1024  # a larger request is almost surely a typo (and would not fit
 
 @dataclass
 class SamplingParams:
-    """How to pick each token. Defaults: guidance 3, no top-k/top-p filtering, temperature 1."""
+    """How to pick each token. Defaults: guidance 1.5 (mm.generation.DEFAULT_GUIDANCE), no top-k/top-p
+    filtering, temperature 1."""
 
-    guidance_scale: float = 3.0
+    guidance_scale: float = DEFAULT_GUIDANCE
     guidance_schedule: str = "constant"  # constant | linear (ramps from 1 at the first code to s at the last)
     guidance_interval: tuple[int, int] | None = None  # guide only codes start <= n < end
     top_k: int = 0  # 0 = off

@@ -64,9 +64,10 @@ def test_batch_cap_does_not_change_images(pipe):
 
 
 def test_pipeline_sjd_greedy_equals_plain_and_counts_forwards(pipe):
-    plain = pipe.generate_codes(["a green triangle"], 2, top_k=1, seed=0)
+    greedy = {"top_k": 1, "seed": 0, "guidance_scale": 3.0}  # strong guidance: a repetitive greedy image
+    plain = pipe.generate_codes(["a green triangle"], 2, **greedy)
     stats = []
-    sjd = pipe.generate_codes(["a green triangle"], 2, top_k=1, seed=0, decode="sjd", sjd_window=8, stats=stats)
+    sjd = pipe.generate_codes(["a green triangle"], 2, decode="sjd", sjd_window=8, stats=stats, **greedy)
     assert torch.equal(plain, sjd) and stats[0]["forwards"] < 16
 
 
