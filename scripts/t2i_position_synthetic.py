@@ -4,9 +4,11 @@ Trains a small T2I model (128 wide, 4 blocks, no code weights) on N one-object r
 only "a {colour} {shape} in the {cell}" (codes from the fixture VQ, tests/fixtures/vq48) and
 prints the word-binding probe (mm.eval.t2i_probe) on 64 training and 64 unseen renders four
 times during training. BENCHMARKS.md session 12: the cell probe on unseen renders goes 9 / 19 /
-33 / 25 % at 200 / 400 / 600 / 800 steps (N = 2048, ~4 CPU-minutes). Usage:
+33 / 25 % at 200 / 400 / 600 / 800 steps (N = 2048, ~4 CPU-minutes). Session 13: with CROSS_POS = 1
+(``model.cross_pos``: the learned positions on every cross-attention query) it goes 9 / 22 / 67 /
+92 %. Usage:
 
-    python scripts/t2i_position_synthetic.py [N_RENDERS] [STEPS] [WIDTH]
+    python scripts/t2i_position_synthetic.py [N_RENDERS] [STEPS] [WIDTH] [CROSS_POS]
 """
 
 import random
@@ -51,7 +53,7 @@ def probe(model, tok, specs: list[dict], codes: torch.Tensor) -> dict:
     return {k: v["accuracy"] for k, v in P.summary(hits, totals).items() if k != "chance"}
 
 
-def main(n: int = 2048, steps: int = 800, width: int = 128) -> None:
+def main(n: int = 2048, steps: int = 800, width: int = 128, cross_pos: int = 0) -> None:
     torch.manual_seed(0)
     rng = random.Random(0)
     vq = VQTokenizer.from_pretrained(ROOT / "tests" / "fixtures" / "vq48").eval()
@@ -60,7 +62,8 @@ def main(n: int = 2048, steps: int = 800, width: int = 128) -> None:
     tok = load_tokenizer(train_tokenizer([s["prompt"] for s in train], 300, tempfile.mkdtemp()))
     model = create_model("debug", width=width, depth=4, heads=4, text_width=width, text_depth=2, text_heads=4,
                          vocab_size=len(tok), codebook_size=vq.cfg.codebook_size, code_grid=[12, 12],
-                         image_size=48, patch_size=16, text_max_len=24, image_pos="both")
+                         image_size=48, patch_size=16, text_max_len=24, image_pos="both",
+                         cross_pos=bool(cross_pos))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     start = time.time()
     for step in range(1, steps + 1):
@@ -77,4 +80,4 @@ def main(n: int = 2048, steps: int = 800, width: int = 128) -> None:
 
 
 if __name__ == "__main__":
-    main(*[int(a) for a in sys.argv[1:4]])
+    main(*[int(a) for a in sys.argv[1:5]])

@@ -29,7 +29,7 @@ from mm.nn.layers import POOLS, Pool
 MODEL_TYPE = "mm-classifier"
 # MMConfig fields that describe the image side; a pretrained MMModel's config.json gives them.
 IMAGE_FIELDS = ("image_size", "channels", "patch_size", "width", "depth", "heads", "mlp_ratio", "mlp",
-                "norm", "dropout", "image_pos", "null_context_len", "patch_stem")
+                "norm", "dropout", "image_pos", "null_context_len", "patch_stem", "cross_pos")
 
 
 @dataclass
@@ -49,6 +49,7 @@ class ClassifierConfig:
     image_pos: str = "rope2d"
     null_context_len: int = 1
     patch_stem: str = "linear"
+    cross_pos: bool = False  # as MMConfig.cross_pos: positions on the cross-attention queries
     pool: str = "mean"  # mean | max | attn over the patch states (max finds one small object; mean counts)
 
     @classmethod
@@ -72,7 +73,7 @@ class ImageClassifier(nn.Module):
         if c.width % c.heads:
             raise MMError(f"model width {c.width} is not divisible by heads {c.heads}")
         self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.channels, c.width, c.heads, c.image_pos,
-                                      c.patch_stem)
+                                      c.patch_stem, c.cross_pos)
         self.backbone = SharedBackbone(c.width, c.depth, c.heads, mlp_ratio=c.mlp_ratio, mlp=c.mlp, norm=c.norm,
                                        dropout=c.dropout, null_context_len=c.null_context_len)
         if c.pool not in POOLS:
@@ -102,9 +103,9 @@ class ImageClassifier(nn.Module):
 
     def features(self, images: Tensor) -> Tensor:
         """images (B, C, H, W) -> (B, D): the backbone states without text, pooled over patches."""
-        x, rope = self.patch_embed(images)  # (B, N, D)
+        x, rope, qpos = self.patch_embed(images)  # (B, N, D)
         context, mask = self.backbone.null(x.shape[0])  # (B, L, D), (B, L): the null text context
-        states = self.backbone(x, rope, context, mask, causal=False)  # (B, N, D)
+        states = self.backbone(x, rope, context, mask, causal=False, query_pos=qpos)  # (B, N, D)
         return self.pool(states)  # (B, D)
 
     def forward(self, images: Tensor) -> Tensor:

@@ -77,6 +77,9 @@ class MMConfig:
     patch_size: int = 4
     image_pos: str = "rope2d"  # rope2d | learned | both (mm.models.backbone.GridPositions)
     patch_stem: str = "linear"  # linear (ViT) | conv (3x3 stride-2 convolutions; mm.models.backbone.PatchEmbed)
+    # Add the image tokens' learned positions to every cross-attention query (needs image_pos learned
+    # or both; mm.models.backbone.GridPositions): position words bind 3-4x faster.
+    cross_pos: bool = False
     codebook_size: int = 512  # K of the VQ tokenizer
     code_grid: list[int] = field(default_factory=lambda: [8, 8])  # (h, w) of the VQ code grid
     decoder_depth: int = 2
@@ -138,8 +141,8 @@ class MMModel(nn.Module):
                 raise MMError(f"model {name} must be one of {', '.join(POOLS)}, got {getattr(c, name)!r}")
         blocks = {"mlp_ratio": c.mlp_ratio, "mlp": c.mlp, "norm": c.norm, "dropout": c.dropout}
         self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.channels, c.width, c.heads, c.image_pos,
-                                      c.patch_stem)
-        self.code_embed = CodeEmbed(c.codebook_size, tuple(c.code_grid), c.width, c.heads, c.image_pos)
+                                      c.patch_stem, c.cross_pos)
+        self.code_embed = CodeEmbed(c.codebook_size, tuple(c.code_grid), c.width, c.heads, c.image_pos, c.cross_pos)
         self.backbone = SharedBackbone(c.width, c.depth, c.heads, null_context_len=c.null_context_len, **blocks)
         self.decoder = TextDecoder(c.vocab_size, c.width, c.decoder_depth, c.heads, c.text_max_len, **blocks)
         self.itc_image = nn.Linear(c.width, c.embed_dim)
@@ -236,10 +239,10 @@ class MMModel(nn.Module):
     def image_states(self, images: Tensor, text_states: Tensor | None = None,
                      text_mask: Tensor | None = None) -> Tensor:
         """images (B, C, H, W) -> (B, Li, D); without text the backbone sees the null context."""
-        x, rope = self.patch_embed(images)  # (B, Li, D)
+        x, rope, qpos = self.patch_embed(images)  # (B, Li, D)
         if text_states is None:
             text_states, text_mask = self.null_context(x.shape[0])
-        return self.backbone(x, rope, text_states, text_mask, causal=False)
+        return self.backbone(x, rope, text_states, text_mask, causal=False, query_pos=qpos)
 
     def pool_image(self, image_states: Tensor) -> Tensor:
         return F.normalize(self.itc_image(image_states.mean(1)), dim=-1)  # (B, E)
@@ -330,10 +333,10 @@ class MMModel(nn.Module):
     def t2i_logits(self, codes: Tensor, text_states: Tensor | None, text_mask: Tensor | None) -> Tensor:
         """codes (B, h, w) -> (B, h*w, K); row n is conditioned on the text and codes 0..n-1 (raster order)."""
         ids = self.code_embed.inputs(codes)  # (B, N): start + codes[:-1]
-        x, rope = self.code_embed(ids, torch.arange(ids.shape[1], device=ids.device))
+        x, rope, qpos = self.code_embed(ids, torch.arange(ids.shape[1], device=ids.device))
         if text_states is None:
             text_states, text_mask = self.null_context(ids.shape[0])
-        h = self.backbone(x, rope, text_states, text_mask, causal=True)  # (B, N, D)
+        h = self.backbone(x, rope, text_states, text_mask, causal=True, query_pos=qpos)  # (B, N, D)
         return self._code_logits(h)  # (B, N, K)
 
     def t2i_prefill(self, text_states: Tensor | None, text_mask: Tensor | None, batch: int | None = None,
@@ -348,16 +351,16 @@ class MMModel(nn.Module):
         n = c.code_grid[0] * c.code_grid[1]
         caches = make_caches(c.depth, cache, b, c.heads, n, c.width // c.heads, dev, self._cache_dtype(dev))
         start = torch.full((b, 1), self.code_embed.start_id, dtype=torch.long, device=dev)
-        x, rope = self.code_embed(start, torch.arange(1, device=dev))
-        h = self.backbone(x, rope, text_states, text_mask, causal=True, caches=caches)
+        x, rope, qpos = self.code_embed(start, torch.arange(1, device=dev))
+        h = self.backbone(x, rope, text_states, text_mask, causal=True, caches=caches, query_pos=qpos)
         return self._code_logits(h[:, -1]), DecodeState(caches, text_mask)
 
     def t2i_step(self, codes: Tensor, state: DecodeState) -> Tensor:
         """codes (B,) just sampled -> (B, K) logits for the next code (cross-attention K/V are cached)."""
         ids = codes.view(-1, 1)
         pos = state.caches[0].self_attn.next_position() + torch.arange(1, device=ids.device)  # (1,)
-        x, rope = self.code_embed(ids, pos)
-        h = self.backbone(x, rope, None, state.context_mask, causal=True, caches=state.caches)
+        x, rope, qpos = self.code_embed(ids, pos)
+        h = self.backbone(x, rope, None, state.context_mask, causal=True, caches=state.caches, query_pos=qpos)
         return self._code_logits(h[:, -1])
 
     def t2i_extend(self, codes: Tensor, state: DecodeState) -> Tensor:
@@ -366,8 +369,9 @@ class MMModel(nn.Module):
         Speculative decoding feeds a window of draft codes this way, then rolls back with t2i_truncate.
         """
         pos = state.caches[0].self_attn.next_position() + torch.arange(codes.shape[1], device=codes.device)  # (t,)
-        x, rope = self.code_embed(codes, pos)
-        h = self.backbone(x, rope, None, state.context_mask, causal=True, caches=state.caches)  # (B, t, D)
+        x, rope, qpos = self.code_embed(codes, pos)
+        h = self.backbone(x, rope, None, state.context_mask, causal=True, caches=state.caches,
+                          query_pos=qpos)  # (B, t, D)
         return self._code_logits(h)
 
     @staticmethod

@@ -85,7 +85,8 @@ class Block(nn.Module):
     forward(x (B, T, D), context (B, Tc, Dc) | None, context_mask (B, Tc) bool | None,
             key_mask (B, T) bool | None, causal, rope (cos, sin) | None, cache BlockCache | None,
             visible (T, Tk) bool | None: the step's causal mask when decoding with a cache, computed
-            once for all blocks by the caller (see mm.nn.cache))
+            once for all blocks by the caller (see mm.nn.cache), query_pos (T, D) | None: added to the
+            cross-attention queries only (DETR-style query positions; keys and values stay the context's))
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, context_dim: int | None = None,
@@ -114,6 +115,7 @@ class Block(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
         cache=None,
         visible: Tensor | None = None,
+        query_pos: Tensor | None = None,
     ) -> Tensor:
         self_cache = cache.self_attn if cache is not None else None
         x = x + self.drop(self.attn(self.norm1(x), key_mask=key_mask, causal=causal, rope=rope, cache=self_cache,
@@ -121,7 +123,10 @@ class Block(nn.Module):
         cross_cache = cache.cross_attn if cache is not None else None
         cached = cross_cache is not None and cross_cache.k is not None
         if self.has_cross and (context is not None or cached):
-            x = x + self.drop(self.cross(self.norm2(x), context, key_mask=context_mask, cache=cross_cache))
+            q = self.norm2(x)
+            if query_pos is not None:
+                q = q + query_pos.to(q.dtype)  # (T, D) broadcast over the batch
+            x = x + self.drop(self.cross(q, context, key_mask=context_mask, cache=cross_cache))
         return x + self.mlp(self.norm3(x))
 
 

@@ -24,10 +24,11 @@ def text(model, lengths=(5, 3, 1)):
     return ids, mask
 
 
-@pytest.mark.parametrize("kind,pos", [("static", "rope2d"), ("dynamic", "rope2d"), ("static", "learned"),
-                                      ("static", "both")])
-def test_t2i_with_kv_cache_equals_full_forward(kind, pos):
-    model = create_model("debug", code_grid=[3, 4], image_pos=pos).eval()
+@pytest.mark.parametrize("kind,pos,cross", [("static", "rope2d", False), ("dynamic", "rope2d", False),
+                                            ("static", "learned", False), ("static", "both", False),
+                                            ("static", "both", True), ("dynamic", "learned", True)])
+def test_t2i_with_kv_cache_equals_full_forward(kind, pos, cross):
+    model = create_model("debug", code_grid=[3, 4], image_pos=pos, cross_pos=cross).eval()
     ids, mask = text(model)
     codes = torch.randint(0, model.config.codebook_size, (B, 3, 4))
     with torch.no_grad():
@@ -209,7 +210,7 @@ def test_conv_patch_stem_gives_the_linear_stems_grid_and_loads_back(tmp_path):
     model = create_model("debug", image_size=32, patch_size=8, patch_stem="conv")
     linear = create_model("debug", image_size=32, patch_size=8)
     x = torch.randn(2, 3, 32, 32)
-    tokens, _ = model.patch_embed(x)
+    tokens, _, _ = model.patch_embed(x)
     assert tokens.shape == linear.patch_embed(x)[0].shape == (2, 16, model.config.width)
     # token n is patch n in row-major order: changing the pixels of patch (1, 2) moves token 6 most
     y = x.clone()
@@ -349,3 +350,56 @@ def test_image_pos_both_adds_the_learned_table_and_keeps_rope():
     model = create_model("debug", image_pos="both")
     size = model.config.image_size
     assert model.image_states(torch.rand(1, 3, size, size)).shape[1] == model.patch_embed.grid ** 2
+
+
+def test_cross_pos_adds_unit_positions_to_the_cross_attention_queries_only():
+    """A naive block-by-block reference: cross(norm2(x) + LN(table)) with keys/values from the text."""
+    torch.manual_seed(0)
+    model = create_model("debug", code_grid=[3, 4], image_pos="both", cross_pos=True).eval()
+    plain = create_model("debug", code_grid=[3, 4], image_pos="both").eval()
+    plain.load_state_dict(model.state_dict())  # same weights: cross_pos adds no parameters
+    ids, mask = text(model)
+    codes = torch.randint(0, model.config.codebook_size, (B, 3, 4))
+    with torch.no_grad():
+        ts, tm = model.encode_text(ids, mask)
+        got = model.t2i_logits(codes, ts, tm)
+        cells = torch.arange(12)
+        x = model.code_embed.emb(model.code_embed.inputs(codes)) + model.code_embed.pos.table(cells)
+        rope = model.code_embed.pos.rope.full(cells)
+        table = model.code_embed.pos.table(cells)
+        qpos = (table - table.mean(-1, keepdim=True)) / (table.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        for blk in model.backbone.blocks:
+            x = x + blk.attn(blk.norm1(x), causal=True, rope=rope)
+            x = x + blk.cross(blk.norm2(x) + qpos, ts, key_mask=tm)
+            x = x + blk.mlp(blk.norm3(x))
+        want = model.t2i_head(model.backbone.norm(x))
+        size = model.config.image_size
+        images = torch.rand(2, 3, size, size)
+        # patches get them too (with text: over the one-state null context attention has one key)
+        assert not torch.allclose(model.image_states(images, ts[:2], tm[:2]), plain.image_states(images, ts[:2], tm[:2]))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, plain.t2i_logits(codes, ts, tm))
+
+
+def test_cross_pos_needs_a_learned_table_and_round_trips(tmp_path):
+    with pytest.raises(MMError, match="image_pos to learned or both"):
+        create_model("debug", cross_pos=True)  # the preset's rope2d has no table
+    model = create_model("debug", image_pos="learned", cross_pos=True).eval()
+    model.save_pretrained(tmp_path)
+    again = MMModel.from_pretrained(tmp_path)
+    assert again.config.cross_pos and again.patch_embed.pos.cross
+    codes = torch.randint(0, model.config.codebook_size, (1, *model.config.code_grid))
+    with torch.no_grad():
+        torch.testing.assert_close(again.t2i_logits(codes, None, None), model.t2i_logits(codes, None, None))
+
+
+def test_grad_checkpointing_keeps_the_query_positions():
+    model = create_model("debug", code_grid=[3, 4], image_pos="both", cross_pos=True)
+    codes = torch.randint(0, model.config.codebook_size, (2, 3, 4))
+    grads = []
+    for on in (False, True):
+        model.zero_grad()
+        model.train().set_grad_checkpointing(on)
+        model.t2i_logits(codes, None, None).square().mean().backward()
+        grads.append(model.code_embed.pos.table.table.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])

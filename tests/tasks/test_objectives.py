@@ -223,8 +223,8 @@ def test_t2i_code_weights_are_computed_from_object_boxes_saved_and_used_by_sampl
     assert float(w.min()) >= 1.0 - 1e-6 and float(w.max()) <= 6.0 + 1e-5 and float(w.max()) > 2.0
     codes = torch.randint(0, m.config.codebook_size, (2, *m.config.code_grid))
     states, mask = m.null_context(2)
-    raw = m.t2i_head(m.backbone(*m.code_embed(m.code_embed.inputs(codes), torch.arange(codes[0].numel())),
-                                states, mask, causal=True))
+    x, rope, qpos = m.code_embed(m.code_embed.inputs(codes), torch.arange(codes[0].numel()))
+    raw = m.t2i_head(m.backbone(x, rope, states, mask, causal=True, query_pos=qpos))
     assert torch.allclose(m.t2i_logits(codes, states, mask), raw - m.t2i_log_weight, atol=1e-5)
     logits, _ = m.t2i_prefill(states, mask)
     assert torch.allclose(logits, m.t2i_logits(codes, states, mask)[:, 0], atol=1e-5)
