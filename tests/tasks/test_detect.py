@@ -89,7 +89,7 @@ def test_train_export_and_mm_detect_on_a_tiny_model(tmp_path, shapes_shards, cap
     overrides = [f"run.dir={run}", f"data.train={shapes_shards / 'train'}", f"data.val={shapes_shards / 'val'}",
                  "model.preset=debug", "detect.num_queries=4", "detect.depth=1", "train.max_steps=3",
                  "train.batch_size=8", "train.eval_every=0", "train.checkpoint_every=0", "data.val_samples=16",
-                 "log.every=1"]
+                 "log.every=1", "data.image_size=32", "model.patch_size=4"]  # the fixture shards' size
     assert main(["train", "configs/detect/shapes.yaml", *overrides]) == 0
     final = run / "final"
     assert (final / "detr.json").is_file() and (final / "config.json").is_file()
