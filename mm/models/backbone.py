@@ -7,8 +7,9 @@
 Each backbone block is self-attention → cross-attention to the text states → MLP (mm.nn.Block).
 Image tokens get 2D positions: 2D RoPE over their grid (default), a learned table per grid
 cell, or both (see GridPositions); with ``cross_pos`` the learned table (unit-normalised) is also
-added to every block's cross-attention queries, as DETR adds its query positions at every layer. Patches and codes may have different grids (e.g. 4-px patches vs. 8× downsampled codes),
-so each embedding owns the positions of its grid and returns them with the tokens.
+added to every block's cross-attention queries, as DETR adds its query positions at every layer.
+Patches and codes may have different grids (e.g. 4-px patches vs. 8× downsampled codes), so each
+embedding owns the positions of its grid and returns them with the tokens.
 
 Generation input is [start] + codes[:-1] in raster order; input token n predicts code n, and it
 carries the position of cell n (the cell being predicted), so the start token sits at (0, 0).
@@ -40,7 +41,7 @@ class GridPositions(nn.Module):
     states through the grid's edges (causal generation also has the start token at (0, 0)).
     ``both`` adds the absolute table and keeps RoPE's relative bias in attention.
 
-    ``cross``: :meth:`query` also gives each token's row of the table, normalised to unit scale
+    ``cross``: forward also gives each token's row of the table, normalised to unit scale
     (the scale of the normed states it is added to), for the cross-attention queries. Why: a word
     like "top left" must meet the tokens of that cell in cross-attention, a query-key match between
     position and word; from the input embedding alone the position fades with depth. Measured
@@ -61,18 +62,18 @@ class GridPositions(nn.Module):
         if kind in ("learned", "both"):
             self.table = LearnedPositions(height * width, dim)
 
-    def forward(self, x: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """x (B, T, D), positions (T,) flat grid indices -> (x [+ learned], rope tables or None)."""
+    def forward(self, x: Tensor, positions: Tensor
+                ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, Tensor | None]:
+        """x (B, T, D), positions (T,) flat grid indices -> (x [+ learned], rope tables or None,
+        unit-scale query positions (T, D) for cross-attention, or None without ``cross``)."""
+        query = None
         if self.kind != "rope2d":
-            x = x + self.table(positions)
-        return x, (self.rope.full(positions) if self.kind != "learned" else None)  # full-width (T, d) tables
-
-    def query(self, positions: Tensor) -> Tensor | None:
-        """(T, D) unit-scale absolute positions for the cross-attention queries, or None without ``cross``."""
-        if not self.cross:
-            return None
-        table = self.table(positions)  # (T, D)
-        return F.layer_norm(table, table.shape[-1:])
+            table = self.table(positions)  # (T, D)
+            x = x + table
+            if self.cross:
+                query = F.layer_norm(table, table.shape[-1:])
+        rope = self.rope.full(positions) if self.kind != "learned" else None  # full-width (T, d) tables
+        return x, rope, query
 
 
 class PatchEmbed(nn.Module):
@@ -120,8 +121,7 @@ class PatchEmbed(nn.Module):
         else:
             x = images.reshape(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5)  # (B, g, g, C, p, p)
             x = self.proj(x.reshape(b, g * g, c * p * p))  # (B, N, D), row-major patches
-        cells = torch.arange(g * g, device=x.device)
-        return *self.pos(x, cells), self.pos.query(cells)
+        return self.pos(x, torch.arange(g * g, device=x.device))
 
 
 class CodeEmbed(nn.Module):
@@ -147,7 +147,7 @@ class CodeEmbed(nn.Module):
     def forward(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None, Tensor | None]:
         """ids (B, t) code ids or start id; positions (t,) flat cells they predict ->
         (tokens (B, t, D), RoPE tables or None, query positions (t, D) or None)."""
-        return *self.pos(self.emb(ids), positions), self.pos.query(positions)
+        return self.pos(self.emb(ids), positions)
 
 
 class SharedBackbone(nn.Module):

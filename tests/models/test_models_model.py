@@ -342,9 +342,9 @@ def test_image_pos_both_adds_the_learned_table_and_keeps_rope():
     x, cells = torch.randn(2, 6, 16), torch.arange(6)
     rope_only, learned, both = (GridPositions(k, 16, 4, 2, 3) for k in ("rope2d", "learned", "both"))
     both.table.load_state_dict(learned.table.state_dict())
-    y_rope, tables = rope_only(x, cells)
-    y_learned, none = learned(x, cells)
-    y_both, tables_both = both(x, cells)
+    y_rope, tables, _ = rope_only(x, cells)
+    y_learned, none, _ = learned(x, cells)
+    y_both, tables_both, _ = both(x, cells)
     assert torch.equal(y_rope, x) and none is None
     torch.testing.assert_close(y_both, y_learned)  # the same additive table
     assert not torch.allclose(y_both, x)
