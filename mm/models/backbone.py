@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from mm.errors import MMError
 from mm.nn.layers import Block, make_norm
+from mm.nn.linear import Linear
 from mm.nn.position import LearnedPositions, RoPE2D
-
 
 IMAGE_POSITIONS = ("rope2d", "learned", "both")
 
@@ -99,7 +99,7 @@ class PatchEmbed(nn.Module):
         self.image_size, self.patch_size, self.channels = image_size, patch_size, channels
         self.grid = image_size // patch_size
         if stem == "linear":
-            self.proj = nn.Linear(channels * patch_size * patch_size, dim)
+            self.proj = Linear(channels * patch_size * patch_size, dim)
         else:
             layers, c_in = [], channels
             for i in range(patch_size.bit_length() - 1):  # each halves the resolution

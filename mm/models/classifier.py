@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from mm.errors import MMError
 from mm.models.backbone import PatchEmbed, SharedBackbone
 from mm.nn.layers import POOLS, Pool
+from mm.nn.linear import Linear
 
 MODEL_TYPE = "mm-classifier"
 # MMConfig fields that describe the image side; a pretrained MMModel's config.json gives them.
@@ -87,7 +88,7 @@ class ImageClassifier(nn.Module):
     def _head(self, classes: int) -> nn.Module:
         # LayerNorm first: pooled features of a pretrained backbone have no fixed scale, and a
         # linear probe on raw features trains badly with one learning rate for all of them.
-        return nn.Sequential(nn.LayerNorm(self.config.width), nn.Linear(self.config.width, classes))
+        return nn.Sequential(nn.LayerNorm(self.config.width), Linear(self.config.width, classes))
 
     def set_labels(self, labels: list[str]) -> None:
         """A fresh head for these classes (the backbone is kept)."""

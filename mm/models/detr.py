@@ -42,6 +42,7 @@ from mm.errors import MMError
 from mm.models.model import MMModel
 from mm.nn.attention import Attention
 from mm.nn.layers import MLP, make_norm
+from mm.nn.linear import Linear
 
 CONFIG_FILE = "detr.json"
 WEIGHTS_FILE = "detr.safetensors"
@@ -149,16 +150,16 @@ class DETRHead(nn.Module):
         self.content = nn.Parameter(torch.randn(cfg.num_queries, width) * 0.02)  # (Q, D)
         a = grid_anchors(cfg.num_queries, cfg.anchor_size)
         self.anchors = nn.Parameter(inverse_sigmoid(a))  # (Q, 4) in logit space: learned anchor boxes
-        self.memory_pos = nn.Linear(width, width)  # sine(cx, cy) of each patch -> D
+        self.memory_pos = Linear(width, width)  # sine(cx, cy) of each patch -> D
         self.memory_norm = make_norm("layernorm", width)
         self.label_embed = nn.Embedding(cfg.num_classes, width)  # content of denoising queries
-        self.query_pos = nn.Sequential(nn.Linear(2 * width, width), nn.GELU(), nn.Linear(width, width))
+        self.query_pos = nn.Sequential(Linear(2 * width, width), nn.GELU(), Linear(width, width))
         self.layers = nn.ModuleList([DecoderLayer(width, heads, cfg.mlp_ratio, cfg.dropout)
                                      for _ in range(cfg.depth)])
         self.norm = make_norm("layernorm", width)
-        self.class_head = nn.Linear(width, cfg.num_classes + 1)
-        self.box_head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
-                                      nn.Linear(width, 4))
+        self.class_head = Linear(width, cfg.num_classes + 1)
+        self.box_head = nn.Sequential(Linear(width, width), nn.GELU(), Linear(width, width), nn.GELU(),
+                                      Linear(width, 4))
         nn.init.zeros_(self.box_head[-1].weight)  # start as the anchors: refinement begins at zero
         nn.init.zeros_(self.box_head[-1].bias)
         centres = (torch.arange(grid) + 0.5) / grid

@@ -48,7 +48,7 @@ from mm.models.text_encoder import BuiltinTextEncoder, HFTextEncoder, masked_mea
 from mm.nn.attention import Attention
 from mm.nn.cache import BlockCache, make_caches
 from mm.nn.layers import MLP, POOLS, Block, Pool
-
+from mm.nn.linear import Linear
 
 VQA_FUSIONS = ("fused", "late", "reader", "film")
 
@@ -145,12 +145,12 @@ class MMModel(nn.Module):
         self.code_embed = CodeEmbed(c.codebook_size, tuple(c.code_grid), c.width, c.heads, c.image_pos, c.cross_pos)
         self.backbone = SharedBackbone(c.width, c.depth, c.heads, null_context_len=c.null_context_len, **blocks)
         self.decoder = TextDecoder(c.vocab_size, c.width, c.decoder_depth, c.heads, c.text_max_len, **blocks)
-        self.itc_image = nn.Linear(c.width, c.embed_dim)
-        self.itc_text = nn.Linear(c.width, c.embed_dim)
+        self.itc_image = Linear(c.width, c.embed_dim)
+        self.itc_text = Linear(c.width, c.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
         self.itm_pool = Pool(c.itm_pool, c.width, c.heads)
-        self.itm_head = nn.Linear(c.width, 2)
-        self.t2i_head = nn.Linear(c.width, c.codebook_size)
+        self.itm_head = Linear(c.width, 2)
+        self.t2i_head = Linear(c.width, c.codebook_size)
         if c.t2i_code_weights:
             self.register_buffer("t2i_log_weight", torch.zeros(c.codebook_size))  # (K,) log w
         self.vqa_pool = Pool(c.vqa_pool, c.width, c.heads) if c.vqa_answers else None
@@ -187,7 +187,7 @@ class MMModel(nn.Module):
         """The question side of the VQA head: reader blocks, the FiLM projection, or nothing."""
         c = self.config
         if c.vqa_fusion == "film":
-            return nn.Linear(c.width, 2 * c.width)  # pooled question -> (gamma, beta)
+            return Linear(c.width, 2 * c.width)  # pooled question -> (gamma, beta)
         if c.vqa_fusion != "reader":
             return None
         return nn.ModuleList([Block(c.width, c.heads, c.mlp_ratio, context_dim=c.width, mlp=c.mlp, norm=c.norm,
@@ -196,7 +196,7 @@ class MMModel(nn.Module):
     def _vqa_head(self, answers: int) -> nn.Module:
         d = self.config.width
         d_in = {"fused": d, "late": 3 * d, "reader": 2 * d, "film": 2 * d}[self.config.vqa_fusion]
-        return nn.Sequential(nn.Linear(d_in, 2 * d), nn.GELU(), nn.LayerNorm(2 * d), nn.Linear(2 * d, answers))
+        return nn.Sequential(Linear(d_in, 2 * d), nn.GELU(), nn.LayerNorm(2 * d), Linear(2 * d, answers))
 
     def set_vqa_answers(self, answers: int) -> None:
         """(Re)build the VQA classifier for an answer vocabulary of this size (VQA fine-tuning)."""

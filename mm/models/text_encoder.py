@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from mm.errors import MMError
 from mm.nn.layers import Block, make_norm
+from mm.nn.linear import Linear
 from mm.nn.position import RoPE1D
 
 
@@ -55,7 +56,7 @@ class BuiltinTextEncoder(nn.Module):
         self.blocks = nn.ModuleList(
             [Block(width, heads, mlp_ratio, mlp=mlp, norm=norm, dropout=dropout) for _ in range(depth)])
         self.norm = make_norm(norm, width)
-        self.proj = nn.Linear(width, out_dim)  # to the backbone width
+        self.proj = Linear(width, out_dim)  # to the backbone width
         self.grad_checkpointing = False
         if freeze:  # all but the projection keep their (random or loaded) values
             for part in (self.tok, self.blocks, self.norm):
@@ -103,7 +104,7 @@ class HFTextEncoder(nn.Module):
             self.hf.pooler = None  # unused (we pool ourselves); unused params would break DDP
         self.hf_config = self.hf.config.to_dict()
         self.width = self.hf.config.hidden_size
-        self.proj = nn.Linear(self.width, out_dim)
+        self.proj = Linear(self.width, out_dim)
         self.freeze = freeze
         if freeze:
             self.hf.requires_grad_(False)

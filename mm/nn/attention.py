@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mm.nn.linear import Linear
 from mm.nn.position import apply_rope_full, full_tables
 
 
@@ -116,11 +117,11 @@ class Attention(nn.Module):
         self.context_dim = context_dim if context_dim is not None else dim
         self.dropout = dropout
         if self.is_cross:
-            self.q = nn.Linear(dim, dim, bias=bias)
-            self.kv = nn.Linear(self.context_dim, 2 * dim, bias=bias)  # fused K, V
+            self.q = Linear(dim, dim, bias=bias)
+            self.kv = Linear(self.context_dim, 2 * dim, bias=bias)  # fused K, V
         else:
-            self.qkv = nn.Linear(dim, 3 * dim, bias=bias)  # fused Q, K, V: rows [W_q; W_k; W_v]
-        self.out = nn.Linear(dim, dim, bias=bias)
+            self.qkv = Linear(dim, 3 * dim, bias=bias)  # fused Q, K, V: rows [W_q; W_k; W_v]
+        self.out = Linear(dim, dim, bias=bias)
 
     def _heads(self, t: Tensor, n: int) -> tuple[Tensor, ...]:
         """(B, T, n*D) -> n tensors (B, H, T, d)."""

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mm.nn.attention import Attention, attend
+from mm.nn.linear import Linear
 
 POOLS = ("mean", "max", "attn")
 
@@ -65,8 +66,8 @@ class MLP(nn.Module):
         if kind not in MLPS:
             raise ValueError(f"mlp must be one of {', '.join(MLPS)}, got {kind!r}")
         self.kind = kind
-        self.fc = nn.Linear(dim, hidden * (2 if kind == "swiglu" else 1), bias=bias)
-        self.proj = nn.Linear(hidden, dim, bias=bias)
+        self.fc = Linear(dim, hidden * (2 if kind == "swiglu" else 1), bias=bias)
+        self.proj = Linear(hidden, dim, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -148,7 +149,7 @@ class Pool(nn.Module):
         if kind == "attn":
             self.probe = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
             self.norm = nn.LayerNorm(dim)
-            self.q, self.kv, self.out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+            self.q, self.kv, self.out = Linear(dim, dim), Linear(dim, 2 * dim), Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "mean":

@@ -2,8 +2,10 @@
 text-to-image model binds from its prompt.
 
 A model that ignores the text scores 0 on every attribute (ties are not hits); a tiny model
-overfit on four renders that differ only in their cell scores 100 % on the cell; the prompt
-alternatives are the right ones for hand-made scenes.
+with query positions (``cross_pos``) overfit on nine renders that differ only in their cell
+scores 100 % on the cell (every alternative the probe scores is a prompt it trained on; without
+cross_pos the same model's score swung between 11 and 100 % with fp32 rounding, session 14); the
+prompt alternatives are the right ones for hand-made scenes.
 """
 
 from collections import Counter
@@ -12,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from mm.data.shapes import CELLS
 from mm.eval import t2i_probe as probe
 from mm.eval.t2i import rendered_references
 from mm.models.vq import VQTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
-CELLS4 = ("top left", "top right", "bottom left", "bottom right")
 
 
 def obj(color, shape, cell):
@@ -38,18 +40,17 @@ def test_prompt_variants_of_hand_made_scenes():
 
 @pytest.fixture(scope="module")
 def cell_data(tmp_path_factory):
-    """Codes of four renders of a red circle, one per corner cell, a tokenizer and the VQ."""
+    """Codes of nine renders of a red circle, one per cell, a tokenizer and the VQ."""
     from mm.data.tokenizer import load_tokenizer, train_tokenizer
 
     vq = VQTokenizer.from_pretrained(ROOT / "tests" / "fixtures" / "vq48").eval()
     specs = [{"prompt": f"a red circle in the {c}", "objects": [{"color": "red", "shape": "circle", "count": 1,
-                                                                  "cell": c}]} for c in CELLS4]
+                                                                  "cell": c}]} for c in CELLS]
     with torch.no_grad():
-        codes = vq.encode(rendered_references(specs, 48, seed=0))  # (4, 12, 12)
-    words = [s["prompt"] for s in specs] + ["a red circle in the center", "in the middle left middle right",
-                                             "top center bottom center"]
+        codes = vq.encode(rendered_references(specs, 48, seed=0))  # (9, 12, 12)
+    words = [s["prompt"] for s in specs]
     tok = load_tokenizer(train_tokenizer(words * 4, 300, tmp_path_factory.mktemp("tok")))
-    metas = [{"objects": [{**obj("red", "circle", c), "bbox": [0, 0, 15, 15]}], "image_size": 48} for c in CELLS4]
+    metas = [{"objects": [{**obj("red", "circle", c), "bbox": [0, 0, 15, 15]}], "image_size": 48} for c in CELLS]
     return codes, metas, [s["prompt"] for s in specs], tok, vq
 
 
@@ -59,7 +60,7 @@ def tiny_model(tok, vq):
     torch.manual_seed(0)
     return create_model("debug", width=64, depth=2, heads=4, text_width=64, text_depth=1, text_heads=4,
                         vocab_size=len(tok), codebook_size=vq.cfg.codebook_size, code_grid=[12, 12],
-                        image_size=48, patch_size=16, text_max_len=24)
+                        image_size=48, patch_size=16, text_max_len=24, image_pos="both", cross_pos=True)
 
 
 def cell_accuracy(model, tok, codes, metas) -> float:
@@ -81,9 +82,9 @@ def test_probe_is_zero_without_text_and_full_after_learning_the_cells(cell_data)
 
     model = tiny_model(tok, vq)
     ids, mask = tok.encode(prompts, max_len=24)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     model.train()
-    for _ in range(150):
+    for _ in range(100):
         states, smask = model.encode_text(ids, mask)
         loss, _, _ = t2i_loss(model, codes, states, smask)
         opt.zero_grad()
