@@ -51,6 +51,7 @@ from torch import Tensor
 
 from mm.errors import MMError
 from mm.generation import DEFAULT_GUIDANCE
+from mm.nn.linear import packed_for_rows
 
 MASK32 = 0xFFFFFFFF
 MAX_IMAGES = 1024  # a larger request is almost surely a typo (and would not fit in memory)
@@ -290,16 +291,18 @@ def sample_codes(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor, param
     positions = torch.arange(n_codes, device=seeds.device)  # (N,) tensors: no recompiles per step
     step = decode_step_fn(compile)
 
-    logits, state = model.t2i_prefill(states, mask, cache=cache)  # (B', K) for code 0
-    if cfg:
-        logits = guide(logits, scales[0])
-    codes = [choose(logits, seeds, positions[0], params)]
-    if progress is not None:
-        progress()
-    for n in range(1, n_codes):
-        codes.append(step(model, codes[-1], state, seeds, positions[n], scales[n], params, cfg))
+    # Every step calls each layer on the same B' rows: pack the weights once for that (mm.nn.linear).
+    with packed_for_rows(model, states.shape[0]):
+        logits, state = model.t2i_prefill(states, mask, cache=cache)  # (B', K) for code 0
+        if cfg:
+            logits = guide(logits, scales[0])
+        codes = [choose(logits, seeds, positions[0], params)]
         if progress is not None:
             progress()
+        for n in range(1, n_codes):
+            codes.append(step(model, codes[-1], state, seeds, positions[n], scales[n], params, cfg))
+            if progress is not None:
+                progress()
     return torch.stack(codes, dim=1).view(batch, h, w)
 
 

@@ -17,10 +17,17 @@ torch.compile, float64, empty batches and tensor subclasses behave exactly as be
 
 With gradients the backward runs in oneDNN too: dx = g Wᵀ and dW = gᵀ x are products of the
 same kind. Results equal F.linear's to fp32 rounding (summation order differs), not bit for bit.
+
+Decoding calls every layer with the same small number of rows once per code: ``packed_for_rows``
+packs the weights (fp32 or bf16) once into oneDNN's blocked layout for exactly that row count.
+Measured at 4 rows, 32 layers 512 → 2048: fp32 31 → 47 GB/s, bf16 19 → 46 GB/s (bit-identical to
+the plain bf16 product). A packed weight used at another row count is re-laid out on every call,
+several times slower, so calls with other row counts keep the plain weight.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -52,11 +59,36 @@ def _onednn(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
-def use_onednn(x: Tensor, w: Tensor) -> bool:
+def use_onednn(x: Tensor, w: Tensor, dtypes: tuple = (torch.float32,), compiled_ok: bool = False) -> bool:
+    """Whether ``linear`` sends this product to oneDNN (see the module docstring)."""
     return (_backend == "onednn" and _HAVE_ONEDNN and x.device.type == "cpu"
-            and x.dtype == torch.float32 and w.dtype == torch.float32 and x.numel() > 0
-            and type(x) in (Tensor, nn.Parameter) and type(w) in (Tensor, nn.Parameter)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+            and x.dtype in dtypes and w.dtype == x.dtype and x.numel() > 0
+            and (compiled_ok or (type(x) in (Tensor, nn.Parameter) and type(w) in (Tensor, nn.Parameter)))
+            and not torch.is_autocast_enabled("cpu") and (compiled_ok or not torch.compiler.is_compiling()))
+
+
+PACKABLE = (torch.float32, torch.bfloat16)  # bf16 too: packed, a decode-size bf16 product reads 2.4x faster
+
+# weight.data_ptr() -> (rows, the weight packed for them); filled only inside packed_for_rows.
+_PACKED: dict[int, tuple[int, Tensor]] = {}
+
+
+def _inference_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """x @ wᵀ + b in oneDNN without gradients, with w's packed copy when there is one for x's rows."""
+    packed = _PACKED.get(w.data_ptr()) if _PACKED else None
+    if packed is not None and x.numel() == packed[0] * w.shape[1]:
+        return _onednn(x, packed[1], b)
+    return _onednn(x, w, b)
+
+
+# The same as an operator torch.compile treats as opaque (inductor cannot lower oneDNN's linear
+# op itself): compiled decoding keeps oneDNN's products, packed or not, and fuses what is around them.
+_inference_linear_op = torch.library.custom_op("mm::onednn_linear", mutates_args=())(_inference_linear)
+
+
+@_inference_linear_op.register_fake
+def _(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -91,7 +123,36 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state dict) computed by ``linear``."""
+    """nn.Linear (same parameters and state dict) computed by ``linear``; without gradients also
+    in bf16 and inside torch.compile, and with packed weights inside ``packed_for_rows``."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            if torch.compiler.is_compiling():
+                if use_onednn(x, self.weight, PACKABLE, compiled_ok=True):
+                    return _inference_linear_op(x.contiguous(), self.weight, self.bias)
+                return F.linear(x, self.weight, self.bias)
+            if use_onednn(x, self.weight, PACKABLE):
+                return _inference_linear(x.contiguous(), self.weight, self.bias)
         return linear(x, self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def packed_for_rows(module: nn.Module, rows: int):
+    """Inside the block, every fp32 or bf16 CPU ``Linear`` of ``module`` called without gradients
+    on exactly ``rows`` rows uses its weight packed once for that row count (the decode step).
+    The weights must not change inside the block."""
+    layers = [m for m in module.modules()
+              if isinstance(m, Linear) and use_onednn(m.weight[:1], m.weight, PACKABLE)]
+    keys = []
+    try:
+        with torch.no_grad():
+            for m in layers:
+                key = m.weight.data_ptr()
+                if key not in _PACKED:  # a nested block (or a shared weight) keeps the outer packing
+                    _PACKED[key] = (rows, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows))
+                    keys.append(key)
+        yield len(keys)
+    finally:
+        for key in keys:
+            _PACKED.pop(key, None)

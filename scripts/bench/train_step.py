@@ -23,6 +23,10 @@ FLOPs of the GELU MLPs of mm and BART at the same width: compare FLOP/s fraction
 warm-up steps, is not timed, and its time is reported. The ratio to the faster peer is given for
 eager mm and for mm's best setting.
 
+mm's linear layers run their fp32 products in oneDNN (mm.nn.linear; the peers' go to aten,
+i.e. MKL); ``MM_LINEAR=aten python scripts/bench/train_step.py …`` measures mm on aten's too.
+Inside compiled blocks (mm+compile) mm uses aten's matmuls (inductor cannot lower the oneDNN op).
+
 ``--mm-mlp gelu_exact`` builds mm with the erf GELU (``model.mlp=gelu_exact``) instead of the
 tanh approximation mm's presets use; BART's activation is the erf form.
 
@@ -166,11 +170,19 @@ def step_flops(model, loss_fn, batch, dtype: str) -> int:
     """Matmul/attention FLOPs of one forward + backward (the optimizer's elementwise work is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from mm.nn.linear import set_linear_backend
+
+    # The counter knows aten's matmuls, not oneDNN's op that mm.nn.linear calls: count with aten
+    # (the same products, so the same FLOPs).
+    old = set_linear_backend("aten")
     counter = FlopCounterMode(display=False)
-    with counter, autocast(dtype):
-        loss = loss_fn(batch)
-    with counter:
-        loss.backward()
+    try:
+        with counter, autocast(dtype):
+            loss = loss_fn(batch)
+        with counter:
+            loss.backward()
+    finally:
+        set_linear_backend(old)
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -186,13 +198,20 @@ def one_step(model, loss_fn, opt, batch, dtype: str) -> float:
 
 
 def matmul_time(dtype: str, n: int = 2048) -> float:
-    """Seconds of one (n x n) @ (n x n) matmul; 2 n^3 / time is the machine's practical FLOP/s."""
+    """Seconds of one (n x n) @ (n x n) matmul, the faster of aten's (MKL for fp32) and oneDNN's
+    (what mm.nn.linear calls); 2 n^3 / time is the machine's practical FLOP/s."""
     tdtype = torch.float32 if dtype == "fp32" else torch.bfloat16
     a, b = torch.randn(n, n, dtype=tdtype), torch.randn(n, n, dtype=tdtype)
-    a @ b  # warm-up
-    t0 = time.perf_counter()
-    a @ b
-    return time.perf_counter() - t0
+    kernels = [lambda: a @ b]
+    if torch.backends.mkldnn.is_available():
+        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    best = float("inf")
+    for k in kernels:
+        k()  # warm-up
+        t0 = time.perf_counter()
+        k()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def bench_dtype(a, batch: dict, dtype: str) -> dict:
@@ -232,8 +251,10 @@ def bench_dtype(a, batch: dict, dtype: str) -> dict:
 
 
 def run(a) -> dict:
+    from mm.nn.linear import linear_backend
+
     batch = make_batch(a)
-    results = {"config": {k: v for k, v in vars(a).items() if k != "json"},
+    results = {"config": {k: v for k, v in vars(a).items() if k != "json"}, "mm_linear": linear_backend(),
                "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
                            "cpu": platform.processor() or platform.machine(), "load_avg": _load()},
                "load_avg_end": None,

@@ -99,3 +99,57 @@ def test_compiled_linear_matches():
     layer = Linear(16, 8)
     x = torch.randn(5, 16)
     torch.testing.assert_close(torch.compile(layer)(x), F.linear(x, layer.weight, layer.bias))
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_for_rows_matches_and_is_used_only_at_its_row_count(dtype, monkeypatch):
+    from mm.nn.linear import _PACKED, packed_for_rows
+
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(Linear(16, 32), torch.nn.GELU(), Linear(32, 8)).to(dtype)
+    x4, x5 = torch.randn(4, 1, 16, dtype=dtype), torch.randn(5, 16, dtype=dtype)
+    with torch.no_grad():
+        plain4, plain5 = model(x4), model(x5)
+    used = []
+    real = lin._onednn
+    monkeypatch.setattr(lin, "_onednn", lambda x, w, b: used.append(w.is_mkldnn) or real(x, w, b))
+    with torch.no_grad(), packed_for_rows(model, 4) as n:
+        assert n == 2 and len(_PACKED) == 2
+        packed4, again5 = model(x4), model(x5)
+    assert used == [True, True, False, False]  # 4 rows: packed weights; 5 rows: the plain ones
+    assert not _PACKED  # nothing left behind
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(packed4, plain4, **tol)  # bf16: bit-identical to the plain product
+    torch.testing.assert_close(again5, plain5, rtol=0, atol=0)
+    with packed_for_rows(model, 4):  # gradients: the packed weight is never used
+        y = model(x4.float().to(dtype).requires_grad_())
+    y.float().sum().backward()
+    assert model[0].weight.grad is not None
+
+
+@needs_onednn
+def test_packed_for_rows_cleans_up_after_an_error():
+    from mm.nn.linear import _PACKED, packed_for_rows
+
+    layer = Linear(16, 8)
+    with pytest.raises(RuntimeError, match="boom"), packed_for_rows(layer, 2):
+        raise RuntimeError("boom")
+    assert not _PACKED
+
+
+@needs_onednn
+def test_compiled_inference_uses_the_onednn_operator(monkeypatch):
+    from mm.nn.linear import packed_for_rows
+
+    torch.manual_seed(5)
+    layer = Linear(16, 8)
+    x = torch.randn(3, 16)
+    calls = []
+    real = lin._onednn
+    monkeypatch.setattr(lin, "_onednn", lambda *a: calls.append(1) or real(*a))
+    torch._dynamo.reset()
+    with torch.no_grad(), packed_for_rows(layer, 3):
+        y = torch.compile(lambda t: torch.relu(layer(t)), fullgraph=True)(x)
+    assert calls  # the custom operator ran oneDNN inside the compiled graph
+    torch.testing.assert_close(y, torch.relu(F.linear(x, layer.weight, layer.bias)), rtol=1e-5, atol=1e-5)
