@@ -45,7 +45,13 @@ def make_task(tmp: Path, config: str, n_captions: int = 2000):
     VQTokenizer(VQTokenizerConfig.from_mm_config(vq_cfg)).save_pretrained(tmp / "vq")
     cfg.data.tokenizer, cfg.vq.path = str(tok_dir), str(tmp / "vq")
     torch.manual_seed(cfg.run.seed)
-    return cfg, PretrainTask(cfg), samples
+    # The demo's per-code T2I weights are counted from its code shards, which the bench does not
+    # write: build without them, then give the model weights of the same shape (the same step).
+    object_weight, cfg.objectives.t2i_object_weight = cfg.objectives.t2i_object_weight, 1.0
+    task = PretrainTask(cfg)
+    if object_weight != 1.0 and "t2i" in task.active:
+        task.model.set_t2i_code_weights(1 + torch.rand(task.model.config.codebook_size) * (object_weight - 1))
+    return cfg, task, samples
 
 
 def make_batch(task, samples: list[dict], batch: int, image_size: int, seed: int = 0) -> dict:
