@@ -50,6 +50,7 @@ from mm.generation.sampler import SamplingParams, decode_step_fn, sample_codes, 
 from mm.generation.sjd import sample_codes_sjd
 from mm.generation.weights import decode_weights
 from mm.models.model import MMConfig, MMModel
+from mm.nn.linear import packed_for_rows
 
 
 def dims(quick: bool) -> dict:
@@ -139,18 +140,19 @@ def per_token_times(model, batch: int, prompt_len: int, params: SamplingParams, 
     pos = torch.arange(n_codes, device=device)
     scale = torch.ones((), device=device)
     out: dict[int, list[float]] = {p: [] for p in positions}
-    for r in range(rounds + 1):  # round 0 warms up (and compiles)
-        for p in positions:
-            start = max(1, min(p - steps // 2, n_codes - steps))
-            for c in state.caches:
-                c.self_attn.pos.fill_(start)
-            sync(device)
-            t0 = time.perf_counter()
-            for i in range(steps):
-                prev = step(model, prev, state, seeds, pos[start + i], scale, params, False)
-            sync(device)
-            if r:
-                out[p].append((time.perf_counter() - t0) / steps)
+    with packed_for_rows(model, batch):  # as sample_codes does
+        for r in range(rounds + 1):  # round 0 warms up (and compiles)
+            for p in positions:
+                start = max(1, min(p - steps // 2, n_codes - steps))
+                for c in state.caches:
+                    c.self_attn.pos.fill_(start)
+                sync(device)
+                t0 = time.perf_counter()
+                for i in range(steps):
+                    prev = step(model, prev, state, seeds, pos[start + i], scale, params, False)
+                sync(device)
+                if r:
+                    out[p].append((time.perf_counter() - t0) / steps)
     return {p: statistics.median(v) for p, v in out.items()}
 
 
@@ -438,8 +440,9 @@ def step_bytes(model, batch: int, prompt_len: int) -> dict:
     return {"weights": weights, "cache": cache, "total": weights + cache}
 
 
-def roofline(mm, batches: list[int], prompt_len: int, top_k: int, device) -> dict:
-    """Per decode step: bytes read, the floor at the measured stream bandwidth, measured time, ratio."""
+def roofline(mm, batches: list[int], prompt_len: int, top_k: int, device, compiles=(False, True)) -> dict:
+    """Per decode step, eager and compiled: bytes read, the floor at the measured stream bandwidth,
+    measured time, ratio."""
     bw = stream_bandwidth()
     params = SamplingParams(guidance_scale=1.0, top_k=top_k)
     rows = {}
@@ -447,11 +450,14 @@ def roofline(mm, batches: list[int], prompt_len: int, top_k: int, device) -> dic
         model = decode_weights(mm, weights)
         for b in batches:
             by = step_bytes(model, b, prompt_len)
-            t = per_token_times(model, b, prompt_len, params, device, (128,), rounds=2)[128]
-            rows[f"{weights} b{b}"] = {**by, "floor_s": by["total"] / bw, "measured_s": t,
-                                       "ratio": t / (by["total"] / bw)}
-            print(f"  {weights} batch {b:3d}: {by['total'] / 1e6:6.1f} MB, floor {1e3 * by['total'] / bw:5.2f} ms, "
-                  f"measured {1e3 * t:6.2f} ms, ratio {t * bw / by['total']:.1f}", flush=True)
+            for comp in compiles:
+                if comp:
+                    torch._dynamo.reset()  # nine shapes would pass dynamo's recompile limit (8)
+                t = per_token_times(model, b, prompt_len, params, device, (128,), compile=comp, rounds=2)[128]
+                name = f"{weights} b{b}" + (" compile" if comp else "")
+                rows[name] = {**by, "floor_s": by["total"] / bw, "measured_s": t, "ratio": t / (by["total"] / bw)}
+                print(f"  {name:18s}: {by['total'] / 1e6:6.1f} MB, floor {1e3 * by['total'] / bw:5.2f} ms, "
+                      f"measured {1e3 * t:6.2f} ms, ratio {t * bw / by['total']:.1f}", flush=True)
     return {"stream_bandwidth_gb_s": bw / 1e9, "roofline": rows}
 
 
