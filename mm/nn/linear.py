@@ -2,21 +2,23 @@
 
 Why: torch's CPU build sends an fp32 ``F.linear`` / ``matmul`` to MKL's sgemm, and on AMD CPUs
 MKL takes a slower code path. Measured on the 2-core AMD EPYC (Zen 5) these notes were written on
-(BENCHMARKS.md, "oneDNN linear"): a training-size product (4608 × 256 → 1024) runs at ~220 GFLOP/s
+(BENCHMARKS.md, "Session 14"): a training-size product (4608 × 256 → 1024) runs at ~220 GFLOP/s
 in MKL and ~500 in oneDNN; a decode-size one (batch 4, 512 → 2048) reads its weights at 12 GB/s in
-MKL and 31 GB/s in oneDNN (47 GB/s with the weights packed once, see ``PackedLinear``). bf16
+MKL and 31 GB/s in oneDNN (47 GB/s with the weights packed once, see ``packed_for_rows``). bf16
 products already go to oneDNN inside torch, so only fp32 changes.
 
 ``Linear`` is a drop-in subclass: same parameters, same state dict, same ``isinstance``. Its
 forward uses oneDNN when all of these hold, and ``F.linear`` otherwise (so CUDA, autocast,
-torch.compile, float64, empty batches and tensor subclasses behave exactly as before):
+float64, empty batches and tensor subclasses behave exactly as before):
 
-- CPU fp32 input and weight, no CPU autocast, oneDNN available, not inside torch.compile;
+- CPU fp32 input and weight (bf16 too without gradients), no CPU autocast, oneDNN available;
 - the backend is "onednn" (the default; ``MM_LINEAR=aten`` in the environment or
   ``set_linear_backend("aten")`` turns it off for a whole process).
 
-With gradients the backward runs in oneDNN too: dx = g Wᵀ and dW = gᵀ x are products of the
-same kind. Results equal F.linear's to fp32 rounding (summation order differs), not bit for bit.
+With gradients the backward runs in oneDNN too: dx = g W and dW = gᵀ x are products of the
+same kind. Inside torch.compile the product is a custom operator (``mm::onednn_linear``, with its
+gradient) that inductor calls as an opaque kernel. Results equal F.linear's to fp32 rounding
+(summation order differs), not bit for bit.
 
 Decoding calls every layer with the same small number of rows once per code: ``packed_for_rows``
 packs the weights (fp32 or bf16) once into oneDNN's blocked layout for exactly that row count.
@@ -73,67 +75,78 @@ PACKABLE = (torch.float32, torch.bfloat16)  # bf16 too: packed, a decode-size bf
 _PACKED: dict[int, tuple[int, Tensor]] = {}
 
 
-def _inference_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """x @ wᵀ + b in oneDNN without gradients, with w's packed copy when there is one for x's rows."""
+def _product(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """x @ wᵀ + b in oneDNN, with w's packed copy when there is one for x's rows."""
     packed = _PACKED.get(w.data_ptr()) if _PACKED else None
-    if packed is not None and x.numel() == packed[0] * w.shape[1]:
+    # The shape and stride checks keep a transposed view of a packed weight (a backward's
+    # g @ W) from picking up the packed layout.
+    if packed is not None and x.numel() == packed[0] * w.shape[1] and w.shape == packed[1].shape \
+            and w.stride() == (w.shape[1], 1):
         return _onednn(x, packed[1], b)
     return _onednn(x, w, b)
 
 
 # The same as an operator torch.compile treats as opaque (inductor cannot lower oneDNN's linear
-# op itself): compiled decoding keeps oneDNN's products, packed or not, and fuses what is around them.
-_inference_linear_op = torch.library.custom_op("mm::onednn_linear", mutates_args=())(_inference_linear)
+# op itself), with its gradient: compiled training and decoding keep oneDNN's products, packed or
+# not, and fuse what is around them.
+_product_op = torch.library.custom_op("mm::onednn_linear", mutates_args=())(_product)
 
 
-@_inference_linear_op.register_fake
+@_product_op.register_fake
 def _(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
-        return _onednn(x, w, b)
+def _save(ctx, inputs, output) -> None:
+    x, w, b = inputs
+    ctx.save_for_backward(x, w)
+    ctx.has_bias = b is not None
 
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        x, w = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])  # (M, N)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _onednn(g2, w.t(), None).view(x.shape)  # (M, N) @ (N, K) -> (M, K)
-        if ctx.needs_input_grad[1]:
-            dw = _onednn(g2.t(), x.reshape(-1, x.shape[-1]).t(), None)  # (N, M) @ (M, K) -> (N, K)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = g2.sum(0)
-        return dx, dw, db
+
+def _backward(ctx, g: Tensor):
+    """dx = g W and dW = gᵀ x: products of the same kind, in oneDNN too."""
+    x, w = ctx.saved_tensors
+    g2 = g.reshape(-1, g.shape[-1])  # (M, N)
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = _product_op(g2, w.t(), None).view(x.shape)  # (M, N) @ (N, K) -> (M, K)
+    if ctx.needs_input_grad[1]:
+        dw = _product_op(g2.t(), x.reshape(-1, x.shape[-1]).t(), None)  # (N, M) @ (M, K) -> (N, K)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        db = g2.sum(0)
+    return dx, dw, db
+
+
+_product_op.register_autograd(_backward, setup_context=_save)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear, in oneDNN where ``use_onednn`` says so (see the module docstring)."""
-    if not use_onednn(x, weight) or (bias is not None and bias.dtype != torch.float32):
+    if bias is not None and bias.dtype != weight.dtype:
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        if use_onednn(x, weight, compiled_ok=True):
+            return _product_op(x.contiguous(), weight, bias)
+        return F.linear(x, weight, bias)
+    if not use_onednn(x, weight):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        return _OneDNNLinear.apply(x.contiguous(), weight, bias)
-    return _onednn(x.contiguous(), weight, bias)
+        return _product_op(x.contiguous(), weight, bias)
+    return _product(x.contiguous(), weight, bias)  # no autograd: skip the operator's dispatch
 
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state dict) computed by ``linear``; without gradients also
-    in bf16 and inside torch.compile, and with packed weights inside ``packed_for_rows``."""
+    in bf16, and with packed weights inside ``packed_for_rows``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and x.dtype == torch.bfloat16:
             if torch.compiler.is_compiling():
                 if use_onednn(x, self.weight, PACKABLE, compiled_ok=True):
-                    return _inference_linear_op(x.contiguous(), self.weight, self.bias)
-                return F.linear(x, self.weight, self.bias)
-            if use_onednn(x, self.weight, PACKABLE):
-                return _inference_linear(x.contiguous(), self.weight, self.bias)
+                    return _product_op(x.contiguous(), self.weight, self.bias)
+            elif use_onednn(x, self.weight, PACKABLE):
+                return _product(x.contiguous(), self.weight, self.bias)
         return linear(x, self.weight, self.bias)
 
 

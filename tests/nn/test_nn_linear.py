@@ -153,3 +153,35 @@ def test_compiled_inference_uses_the_onednn_operator(monkeypatch):
         y = torch.compile(lambda t: torch.relu(layer(t)), fullgraph=True)(x)
     assert calls  # the custom operator ran oneDNN inside the compiled graph
     torch.testing.assert_close(y, torch.relu(F.linear(x, layer.weight, layer.bias)), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_compiled_training_keeps_onednn_and_its_gradients(monkeypatch):
+    torch.manual_seed(6)
+    layer = Linear(16, 8)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    calls = []
+    real = lin._onednn
+    monkeypatch.setattr(lin, "_onednn", lambda *a: calls.append(1) or real(*a))
+    torch._dynamo.reset()
+    out = torch.compile(lambda t: torch.tanh(layer(t)).square().sum(), fullgraph=True)(x)
+    out.backward()
+    assert len(calls) == 3  # forward, dx, dW: all oneDNN inside the compiled graphs
+    x2 = x.detach().requires_grad_()
+    ref = layer.weight.grad.clone(), layer.bias.grad.clone(), x.grad.clone()
+    layer.zero_grad()
+    torch.tanh(F.linear(x2, layer.weight, layer.bias)).square().sum().backward()
+    for a, r in zip(ref, (layer.weight.grad, layer.bias.grad, x2.grad)):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_a_square_packed_weight_is_not_used_for_its_transpose():
+    from mm.nn.linear import _product, packed_for_rows
+
+    torch.manual_seed(7)
+    layer = Linear(16, 16, bias=False)
+    g = torch.randn(4, 16)
+    with torch.no_grad(), packed_for_rows(layer, 4):
+        got = _product(g, layer.weight.t(), None)  # what a backward computes: g @ W
+    torch.testing.assert_close(got, g @ layer.weight.detach(), rtol=1e-5, atol=1e-5)
