@@ -154,11 +154,13 @@ class SharedBackbone(nn.Module):
     """N pre-norm blocks (self-attn → cross-attn to text → MLP) + final norm, and the null context."""
 
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, mlp: str, norm: str,
-                 dropout: float, null_context_len: int):
+                 dropout: float, null_context_len: int, t2i_cross: bool = False):
         super().__init__()
         self.dim, self.heads = dim, heads
+        # t2i_cross: the causal (T2I code) stream reads the text through cross-attention weights of
+        # its own (Block's second cross-attention); self-attention and MLPs stay shared.
         self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, context_dim=dim, mlp=mlp, norm=norm,
-                                           dropout=dropout) for _ in range(depth)])
+                                           dropout=dropout, second_cross=t2i_cross) for _ in range(depth)])
         self.norm = make_norm(norm, dim)
         self.null_context = nn.Parameter(torch.randn(null_context_len, dim) * 0.02)
         self.grad_checkpointing = False
@@ -183,15 +185,16 @@ class SharedBackbone(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, context: Tensor | None,
                 context_mask: Tensor | None, causal: bool, caches=None, query_pos: Tensor | None = None) -> Tensor:
         """x (B, T, D) image tokens -> (B, T, D) normalised states. ``caches``: one BlockCache per block;
-        ``query_pos`` (T, D): added to every cross-attention query (the embeddings' third output)."""
+        ``query_pos`` (T, D): added to every cross-attention query (the embeddings' third output).
+        ``causal`` marks the T2I code stream: with ``t2i_cross`` it uses the blocks' second cross-attention."""
         # Decoding: every block's cache is at the same position, so the causal mask is built once.
         visible = caches[0].self_attn.visible(x.shape[1]) if caches is not None else None  # (T, Tk)
         for i, blk in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
             if self.grad_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(blk, x, context, context_mask, None, causal, rope, None, None,
-                                                      query_pos, use_reentrant=False)
+                                                      query_pos, causal, use_reentrant=False)
             else:
                 x = blk(x, context, context_mask, causal=causal, rope=rope, cache=cache, visible=visible,
-                        query_pos=query_pos)
+                        query_pos=query_pos, second=causal)
         return self.norm(x)

@@ -80,6 +80,9 @@ class MMConfig:
     # Add the image tokens' learned positions to every cross-attention query (needs image_pos learned
     # or both; mm.models.backbone.GridPositions): position words bind 3-4x faster.
     cross_pos: bool = False
+    # Give the T2I code stream cross-attention weights of its own in every backbone block (self-attention
+    # and MLPs stay shared); understanding keeps the first. Sharing all of it cost T2I its shape words.
+    t2i_cross: bool = False
     codebook_size: int = 512  # K of the VQ tokenizer
     code_grid: list[int] = field(default_factory=lambda: [8, 8])  # (h, w) of the VQ code grid
     decoder_depth: int = 2
@@ -143,7 +146,8 @@ class MMModel(nn.Module):
         self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.channels, c.width, c.heads, c.image_pos,
                                       c.patch_stem, c.cross_pos)
         self.code_embed = CodeEmbed(c.codebook_size, tuple(c.code_grid), c.width, c.heads, c.image_pos, c.cross_pos)
-        self.backbone = SharedBackbone(c.width, c.depth, c.heads, null_context_len=c.null_context_len, **blocks)
+        self.backbone = SharedBackbone(c.width, c.depth, c.heads, null_context_len=c.null_context_len,
+                                       t2i_cross=c.t2i_cross, **blocks)
         self.decoder = TextDecoder(c.vocab_size, c.width, c.decoder_depth, c.heads, c.text_max_len, **blocks)
         self.itc_image = Linear(c.width, c.embed_dim)
         self.itc_text = Linear(c.width, c.embed_dim)

@@ -87,11 +87,13 @@ class Block(nn.Module):
             key_mask (B, T) bool | None, causal, rope (cos, sin) | None, cache BlockCache | None,
             visible (T, Tk) bool | None: the step's causal mask when decoding with a cache, computed
             once for all blocks by the caller (see mm.nn.cache), query_pos (T, D) | None: added to the
-            cross-attention queries only (DETR-style query positions; keys and values stay the context's))
+            cross-attention queries only (DETR-style query positions; keys and values stay the context's),
+            second: use the second cross-attention when the block has one)
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, context_dim: int | None = None,
-                 mlp: str = "gelu", norm: str = "layernorm", bias: bool = True, dropout: float = 0.0):
+                 mlp: str = "gelu", norm: str = "layernorm", bias: bool = True, dropout: float = 0.0,
+                 second_cross: bool = False):
         super().__init__()
         self.norm1 = make_norm(norm, dim)
         self.attn = Attention(dim, heads, bias=bias, dropout=dropout)
@@ -99,6 +101,12 @@ class Block(nn.Module):
         if self.has_cross:
             self.norm2 = make_norm(norm, dim)
             self.cross = Attention(dim, heads, context_dim=context_dim, bias=bias, dropout=dropout)
+        # second_cross: a second cross-attention (and its norm) that forward(..., second=True) uses
+        # instead of the first: one stream of a shared backbone gets text reading of its own.
+        self.has_second = self.has_cross and second_cross
+        if self.has_second:
+            self.norm2b = make_norm(norm, dim)
+            self.cross_b = Attention(dim, heads, context_dim=context_dim, bias=bias, dropout=dropout)
         self.norm3 = make_norm(norm, dim)
         hidden = int(dim * mlp_ratio)
         if mlp == "swiglu":
@@ -117,6 +125,7 @@ class Block(nn.Module):
         cache=None,
         visible: Tensor | None = None,
         query_pos: Tensor | None = None,
+        second: bool = False,
     ) -> Tensor:
         self_cache = cache.self_attn if cache is not None else None
         x = x + self.drop(self.attn(self.norm1(x), key_mask=key_mask, causal=causal, rope=rope, cache=self_cache,
@@ -124,10 +133,11 @@ class Block(nn.Module):
         cross_cache = cache.cross_attn if cache is not None else None
         cached = cross_cache is not None and cross_cache.k is not None
         if self.has_cross and (context is not None or cached):
-            q = self.norm2(x)
+            norm, cross = (self.norm2b, self.cross_b) if second and self.has_second else (self.norm2, self.cross)
+            q = norm(x)
             if query_pos is not None:
                 q = q + query_pos.to(q.dtype)  # (T, D) broadcast over the batch
-            x = x + self.drop(self.cross(q, context, key_mask=context_mask, cache=cross_cache))
+            x = x + self.drop(cross(q, context, key_mask=context_mask, cache=cross_cache))
         return x + self.mlp(self.norm3(x))
 
 
