@@ -204,3 +204,33 @@ def test_cpu_half_precision_training_attention_runs_in_fp32():
     assert out.dtype == torch.bfloat16 and torch.equal(out, want.bfloat16())
     out.float().sum().backward()
     assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("masked", ["none", "padded", "empty_row"])
+def test_bf16_few_query_attention_without_grad_matches_fp32(masked, monkeypatch):
+    """The written-out path for bf16 decoding (mm.nn.attention._attend_few_queries) equals SDPA
+    in fp32 to bf16 rounding, including a row with no visible key (zeros)."""
+    import torch.nn.functional as F
+
+    from mm.nn import attention as att
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 40, 16), torch.randn(2, 4, 40, 16)
+    mask = None
+    if masked != "none":
+        mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+        mask[0, ..., 25:] = False
+        if masked == "empty_row":
+            mask[1] = False
+    used = []
+    real = att._attend_few_queries
+    monkeypatch.setattr(att, "_attend_few_queries", lambda *a: used.append(1) or real(*a))
+    with torch.no_grad():
+        got = att.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+        ref = att.attend(q, k, v, mask)
+    assert used == [1] and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+    if masked == "empty_row":
+        assert torch.equal(got[1].float(), torch.zeros_like(got[1].float()))
+    if masked == "none":
+        torch.testing.assert_close(got.float(), F.scaled_dot_product_attention(q, k, v), atol=2e-2, rtol=2e-2)
