@@ -88,12 +88,12 @@ class Block(nn.Module):
             visible (T, Tk) bool | None: the step's causal mask when decoding with a cache, computed
             once for all blocks by the caller (see mm.nn.cache), query_pos (T, D) | None: added to the
             cross-attention queries only (DETR-style query positions; keys and values stay the context's),
-            second: use the second cross-attention when the block has one)
+            second: use the second cross-attention and MLP where the block has them)
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, context_dim: int | None = None,
                  mlp: str = "gelu", norm: str = "layernorm", bias: bool = True, dropout: float = 0.0,
-                 second_cross: bool = False):
+                 second_cross: bool = False, second_mlp: bool = False):
         super().__init__()
         self.norm1 = make_norm(norm, dim)
         self.attn = Attention(dim, heads, bias=bias, dropout=dropout)
@@ -112,6 +112,12 @@ class Block(nn.Module):
         if mlp == "swiglu":
             hidden = int(2 * hidden / 3)  # keep the parameter count of a GELU MLP of the same ratio
         self.mlp = MLP(dim, hidden, mlp, bias=bias, dropout=dropout)
+        # second_mlp: likewise a second MLP (and norm) for forward(..., second=True): a modality
+        # expert in the manner of VLMo / BEiT-3, self-attention staying shared.
+        self.has_second_mlp = second_mlp
+        if second_mlp:
+            self.norm3b = make_norm(norm, dim)
+            self.mlp_b = MLP(dim, hidden, mlp, bias=bias, dropout=dropout)
         self.drop = nn.Dropout(dropout)
 
     def forward(
@@ -138,6 +144,8 @@ class Block(nn.Module):
             if query_pos is not None:
                 q = q + query_pos.to(q.dtype)  # (T, D) broadcast over the batch
             x = x + self.drop(cross(q, context, key_mask=context_mask, cache=cross_cache))
+        if second and self.has_second_mlp:
+            return x + self.mlp_b(self.norm3b(x))
         return x + self.mlp(self.norm3(x))
 
 

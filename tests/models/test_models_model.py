@@ -396,11 +396,17 @@ def test_cross_pos_needs_a_learned_table_and_round_trips(tmp_path):
         torch.testing.assert_close(again.t2i_logits(codes, None, None), model.t2i_logits(codes, None, None))
 
 
-def test_t2i_cross_gives_the_code_stream_its_own_cross_attention(tmp_path):
+# option -> (first module, second module, its output weight, a weight to check gradients on)
+T2I_OWN = {"t2i_cross": ("cross", "cross_b", "out", "q"), "t2i_mlp": ("mlp", "mlp_b", "proj", "fc")}
+
+
+@pytest.mark.parametrize("option", list(T2I_OWN))
+def test_t2i_own_weights_serve_only_the_code_stream(option, tmp_path):
+    first, second, out, probe_w = T2I_OWN[option]
     torch.manual_seed(0)
-    model = create_model("debug", code_grid=[3, 4], t2i_cross=True).eval()
-    assert "backbone.blocks.0.cross_b.q.weight" in model.state_dict()
-    assert "backbone.blocks.0.cross_b.q.weight" not in create_model("debug").state_dict()
+    model = create_model("debug", code_grid=[3, 4], **{option: True}).eval()
+    key = f"backbone.blocks.0.{second}.{probe_w}.weight"
+    assert key in model.state_dict() and key not in create_model("debug").state_dict()
     ids, mask = text(model)
     codes = torch.randint(0, model.config.codebook_size, (B, 3, 4))
     images = torch.randn(B, 3, 16, 16)
@@ -411,12 +417,12 @@ def test_t2i_cross_gives_the_code_stream_its_own_cross_attention(tmp_path):
             return m.t2i_logits(codes, ts, tm), m.fuse(images, ts, tm)
 
     t2i, fused = outputs(model)
-    # Routing: the T2I stream reads only cross_b, understanding only the first cross-attention.
-    for name, changes_t2i in (("cross", False), ("cross_b", True)):
+    # Routing: the T2I stream uses only the second module, understanding only the first.
+    for name, changes_t2i in ((first, False), (second, True)):
         probe = MMModel(model.config)
         probe.load_state_dict(model.state_dict())
         for blk in probe.backbone.blocks:
-            torch.nn.init.zeros_(getattr(blk, name).out.weight)
+            torch.nn.init.zeros_(getattr(getattr(blk, name), out).weight)
         t2i_p, fused_p = outputs(probe.eval())
         assert torch.allclose(t2i_p, t2i) != changes_t2i
         assert torch.allclose(fused_p, fused) == changes_t2i
@@ -426,16 +432,17 @@ def test_t2i_cross_gives_the_code_stream_its_own_cross_attention(tmp_path):
         logits, state = model.t2i_prefill(ts, tm, cache="static")
         steps = [logits] + [model.t2i_step(codes.flatten(1)[:, n], state) for n in range(11)]
     torch.testing.assert_close(torch.stack(steps, 1), t2i, atol=1e-5, rtol=1e-5)
-    # Gradient checkpointing routes the same way; every parameter trains; save/load round trip.
+    # Gradient checkpointing routes the same way; save/load round trip.
     grads = []
     for on in (False, True):
         model.zero_grad()
         model.train().set_grad_checkpointing(on)
         model.t2i_logits(codes, None, None).square().mean().backward()
-        grads.append(model.backbone.blocks[0].cross_b.q.weight.grad.clone())
-        assert model.backbone.blocks[0].cross.q.weight.grad is None
+        blk = model.backbone.blocks[0]
+        grads.append(getattr(getattr(blk, second), probe_w).weight.grad.clone())
+        assert getattr(getattr(blk, first), probe_w).weight.grad is None
     torch.testing.assert_close(*grads)
     model.save_pretrained(tmp_path)
     loaded = MMModel.from_pretrained(tmp_path)
-    assert loaded.config.t2i_cross and all(torch.equal(a, b) for a, b in
-                                           zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert getattr(loaded.config, option) and all(torch.equal(a, b) for a, b in
+                                                 zip(model.state_dict().values(), loaded.state_dict().values()))
