@@ -88,15 +88,19 @@ class Block(nn.Module):
             visible (T, Tk) bool | None: the step's causal mask when decoding with a cache, computed
             once for all blocks by the caller (see mm.nn.cache), query_pos (T, D) | None: added to the
             cross-attention queries only (DETR-style query positions; keys and values stay the context's),
-            second: use the second cross-attention and MLP where the block has them)
+            second: use the second self-attention, cross-attention and MLP where the block has them)
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, context_dim: int | None = None,
                  mlp: str = "gelu", norm: str = "layernorm", bias: bool = True, dropout: float = 0.0,
-                 second_cross: bool = False, second_mlp: bool = False):
+                 second_cross: bool = False, second_mlp: bool = False, second_attn: bool = False):
         super().__init__()
         self.norm1 = make_norm(norm, dim)
         self.attn = Attention(dim, heads, bias=bias, dropout=dropout)
+        self.has_second_attn = second_attn  # a second self-attention (and norm) for second=True
+        if second_attn:
+            self.norm1b = make_norm(norm, dim)
+            self.attn_b = Attention(dim, heads, bias=bias, dropout=dropout)
         self.has_cross = context_dim is not None
         if self.has_cross:
             self.norm2 = make_norm(norm, dim)
@@ -134,8 +138,9 @@ class Block(nn.Module):
         second: bool = False,
     ) -> Tensor:
         self_cache = cache.self_attn if cache is not None else None
-        x = x + self.drop(self.attn(self.norm1(x), key_mask=key_mask, causal=causal, rope=rope, cache=self_cache,
-                                    visible=visible))
+        norm, attn = (self.norm1b, self.attn_b) if second and self.has_second_attn else (self.norm1, self.attn)
+        x = x + self.drop(attn(norm(x), key_mask=key_mask, causal=causal, rope=rope, cache=self_cache,
+                               visible=visible))
         cross_cache = cache.cross_attn if cache is not None else None
         cached = cross_cache is not None and cross_cache.k is not None
         if self.has_cross and (context is not None or cached):

@@ -397,7 +397,8 @@ def test_cross_pos_needs_a_learned_table_and_round_trips(tmp_path):
 
 
 # option -> (first module, second module, its output weight, a weight to check gradients on)
-T2I_OWN = {"t2i_cross": ("cross", "cross_b", "out", "q"), "t2i_mlp": ("mlp", "mlp_b", "proj", "fc")}
+T2I_OWN = {"t2i_cross": ("cross", "cross_b", "out", "q"), "t2i_mlp": ("mlp", "mlp_b", "proj", "fc"),
+           "t2i_attn": ("attn", "attn_b", "out", "qkv")}
 
 
 @pytest.mark.parametrize("option", list(T2I_OWN))
