@@ -154,15 +154,13 @@ class SharedBackbone(nn.Module):
     """N pre-norm blocks (self-attn → cross-attn to text → MLP) + final norm, and the null context."""
 
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, mlp: str, norm: str,
-                 dropout: float, null_context_len: int, t2i_cross: bool = False, t2i_mlp: bool = False,
-                 t2i_attn: bool = False):
+                 dropout: float, null_context_len: int, t2i_own: tuple[str, ...] = ()):
         super().__init__()
         self.dim, self.heads = dim, heads
-        # t2i_cross / t2i_mlp / t2i_attn: the causal (T2I code) stream gets cross-attention weights /
-        # MLPs / self-attention of its own (Block's second ones); the rest stays shared.
+        # t2i_own: the parts ("attn", "cross", "mlp") for which the causal (T2I code) stream uses
+        # weights of its own (Block's second copies); the rest stays shared.
         self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, context_dim=dim, mlp=mlp, norm=norm,
-                                           dropout=dropout, second_cross=t2i_cross, second_mlp=t2i_mlp,
-                                           second_attn=t2i_attn) for _ in range(depth)])
+                                           dropout=dropout, second=t2i_own) for _ in range(depth)])
         self.norm = make_norm(norm, dim)
         self.null_context = nn.Parameter(torch.randn(null_context_len, dim) * 0.02)
         self.grad_checkpointing = False
@@ -188,8 +186,7 @@ class SharedBackbone(nn.Module):
                 context_mask: Tensor | None, causal: bool, caches=None, query_pos: Tensor | None = None) -> Tensor:
         """x (B, T, D) image tokens -> (B, T, D) normalised states. ``caches``: one BlockCache per block;
         ``query_pos`` (T, D): added to every cross-attention query (the embeddings' third output).
-        ``causal`` marks the T2I code stream: with ``t2i_cross`` / ``t2i_mlp`` / ``t2i_attn`` it uses the
-        blocks' second cross-attention / MLP / self-attention."""
+        ``causal`` marks the T2I code stream: it uses the blocks' second copies of the ``t2i_own`` parts."""
         # Decoding: every block's cache is at the same position, so the causal mask is built once.
         visible = caches[0].self_attn.visible(x.shape[1]) if caches is not None else None  # (T, Tk)
         for i, blk in enumerate(self.blocks):

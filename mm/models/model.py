@@ -84,7 +84,7 @@ class MMConfig:
     # and MLPs stay shared); understanding keeps the first. Sharing all of it cost T2I its shape words.
     t2i_cross: bool = False
     t2i_mlp: bool = False  # the same for the MLPs (a T2I "modality expert" per block, as in VLMo)
-    t2i_attn: bool = False  # the same for the self-attention (all three: a T2I model sharing the text encoder)
+    t2i_attn: bool = False  # the same for the self-attention (all three: T2I shares only the text encoder)
     codebook_size: int = 512  # K of the VQ tokenizer
     code_grid: list[int] = field(default_factory=lambda: [8, 8])  # (h, w) of the VQ code grid
     decoder_depth: int = 2
@@ -148,8 +148,9 @@ class MMModel(nn.Module):
         self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.channels, c.width, c.heads, c.image_pos,
                                       c.patch_stem, c.cross_pos)
         self.code_embed = CodeEmbed(c.codebook_size, tuple(c.code_grid), c.width, c.heads, c.image_pos, c.cross_pos)
+        t2i_own = tuple(part for part in ("attn", "cross", "mlp") if getattr(c, f"t2i_{part}"))
         self.backbone = SharedBackbone(c.width, c.depth, c.heads, null_context_len=c.null_context_len,
-                                       t2i_cross=c.t2i_cross, t2i_mlp=c.t2i_mlp, t2i_attn=c.t2i_attn, **blocks)
+                                       t2i_own=t2i_own, **blocks)
         self.decoder = TextDecoder(c.vocab_size, c.width, c.decoder_depth, c.heads, c.text_max_len, **blocks)
         self.itc_image = Linear(c.width, c.embed_dim)
         self.itc_text = Linear(c.width, c.embed_dim)

@@ -91,29 +91,28 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
         with torch.autocast("cpu", enabled=False):  # or autocast would cast the inputs straight back
             out = attend(q.float(), k.float(), v.float(), mask, is_causal, dropout_p, rows_may_be_empty)
         return out.to(q.dtype)
+    sdpa = F.scaled_dot_product_attention
     if (q.shape[-2] <= 16 and q.device.type == "cpu" and q.dtype == torch.bfloat16 and not is_causal
             and dropout_p == 0.0 and not torch.is_grad_enabled()):
         # Decoding in bf16: SDPA's CPU kernel takes 3-5x longer than three plain ops for a few
-        # queries (343 vs 111 µs at 1 query x 257 keys, B 4, H 8; BENCHMARKS.md "Decoding").
-        return _attend_few_queries(q, k, v, mask, rows_may_be_empty)
+        # queries (343 vs 111 µs at 1 query x 257 keys, B 4, H 8; BENCHMARKS.md "Session 14").
+        sdpa = _few_query_attention
     if mask is None or not rows_may_be_empty:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+        return sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
     # Rows with no visible key: let them attend everywhere (finite softmax), then zero them.
     # Some SDPA backends return NaN for such rows; this makes every backend give 0.
     keep = mask.any(dim=-1, keepdim=True)  # (.., Tq, 1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~keep, dropout_p=dropout_p)
+    out = sdpa(q, k, v, attn_mask=mask | ~keep, dropout_p=dropout_p)
     return out * keep.to(out.dtype)
 
 
-def _attend_few_queries(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, rows_may_be_empty: bool) -> Tensor:
-    """softmax(Q Kᵀ / √d) V written out, scores and softmax in fp32; same masking rules as ``attend``."""
+def _few_query_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+                         is_causal: bool = False, dropout_p: float = 0.0) -> Tensor:
+    """SDPA written out for a few queries (no causal flag, no dropout): scores and softmax in fp32."""
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, H, Tq, Tk)
-    if mask is None:
-        return torch.matmul(scores.softmax(-1).to(v.dtype), v)
-    keep = mask.any(dim=-1, keepdim=True) if rows_may_be_empty else None  # (.., Tq, 1)
-    scores = scores.masked_fill(~(mask if keep is None else mask | ~keep), float("-inf"))
-    out = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # (B, H, Tq, d)
-    return out if keep is None else out * keep.to(out.dtype)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)  # (B, H, Tq, d)
 
 
 class Attention(nn.Module):

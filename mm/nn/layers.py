@@ -88,41 +88,45 @@ class Block(nn.Module):
             visible (T, Tk) bool | None: the step's causal mask when decoding with a cache, computed
             once for all blocks by the caller (see mm.nn.cache), query_pos (T, D) | None: added to the
             cross-attention queries only (DETR-style query positions; keys and values stay the context's),
-            second: use the second self-attention, cross-attention and MLP where the block has them)
+            second: use the second copies of the parts the block was built with (``second`` of __init__))
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, context_dim: int | None = None,
                  mlp: str = "gelu", norm: str = "layernorm", bias: bool = True, dropout: float = 0.0,
-                 second_cross: bool = False, second_mlp: bool = False, second_attn: bool = False):
+                 second: tuple[str, ...] = ()):
         super().__init__()
         self.norm1 = make_norm(norm, dim)
         self.attn = Attention(dim, heads, bias=bias, dropout=dropout)
-        self.has_second_attn = second_attn  # a second self-attention (and norm) for second=True
-        if second_attn:
-            self.norm1b = make_norm(norm, dim)
-            self.attn_b = Attention(dim, heads, bias=bias, dropout=dropout)
         self.has_cross = context_dim is not None
         if self.has_cross:
             self.norm2 = make_norm(norm, dim)
             self.cross = Attention(dim, heads, context_dim=context_dim, bias=bias, dropout=dropout)
-        # second_cross: a second cross-attention (and its norm) that forward(..., second=True) uses
-        # instead of the first: one stream of a shared backbone gets text reading of its own.
-        self.has_second = self.has_cross and second_cross
-        if self.has_second:
-            self.norm2b = make_norm(norm, dim)
-            self.cross_b = Attention(dim, heads, context_dim=context_dim, bias=bias, dropout=dropout)
         self.norm3 = make_norm(norm, dim)
         hidden = int(dim * mlp_ratio)
         if mlp == "swiglu":
             hidden = int(2 * hidden / 3)  # keep the parameter count of a GELU MLP of the same ratio
         self.mlp = MLP(dim, hidden, mlp, bias=bias, dropout=dropout)
-        # second_mlp: likewise a second MLP (and norm) for forward(..., second=True): a modality
-        # expert in the manner of VLMo / BEiT-3, self-attention staying shared.
-        self.has_second_mlp = second_mlp
-        if second_mlp:
-            self.norm3b = make_norm(norm, dim)
-            self.mlp_b = MLP(dim, hidden, mlp, bias=bias, dropout=dropout)
         self.drop = nn.Dropout(dropout)
+        # second: the parts ("attn", "cross", "mlp") that get a second copy with its own norm (attn_b
+        # and norm1b, cross_b and norm2b, mlp_b and norm3b), used by forward(..., second=True): one
+        # stream of a shared backbone gets weights of its own (VLMo / BEiT-3's modality experts).
+        unknown = set(second) - {"attn", "cross", "mlp"}
+        if unknown:
+            raise ValueError(f"second parts must be attn, cross or mlp, got {sorted(unknown)}")
+        self.second = frozenset(p for p in second if p != "cross" or self.has_cross)
+        if "attn" in self.second:
+            self.norm1b, self.attn_b = make_norm(norm, dim), Attention(dim, heads, bias=bias, dropout=dropout)
+        if "cross" in self.second:
+            self.norm2b = make_norm(norm, dim)
+            self.cross_b = Attention(dim, heads, context_dim=context_dim, bias=bias, dropout=dropout)
+        if "mlp" in self.second:
+            self.norm3b, self.mlp_b = make_norm(norm, dim), MLP(dim, hidden, mlp, bias=bias, dropout=dropout)
+
+    def _part(self, part: str, norm: str, second: bool) -> tuple[nn.Module, nn.Module]:
+        """(norm, module) of ``part``: the second copy when asked for and present."""
+        if second and part in self.second:
+            return getattr(self, norm + "b"), getattr(self, part + "_b")
+        return getattr(self, norm), getattr(self, part)
 
     def forward(
         self,
@@ -138,20 +142,19 @@ class Block(nn.Module):
         second: bool = False,
     ) -> Tensor:
         self_cache = cache.self_attn if cache is not None else None
-        norm, attn = (self.norm1b, self.attn_b) if second and self.has_second_attn else (self.norm1, self.attn)
+        norm, attn = self._part("attn", "norm1", second)
         x = x + self.drop(attn(norm(x), key_mask=key_mask, causal=causal, rope=rope, cache=self_cache,
                                visible=visible))
         cross_cache = cache.cross_attn if cache is not None else None
         cached = cross_cache is not None and cross_cache.k is not None
         if self.has_cross and (context is not None or cached):
-            norm, cross = (self.norm2b, self.cross_b) if second and self.has_second else (self.norm2, self.cross)
+            norm, cross = self._part("cross", "norm2", second)
             q = norm(x)
             if query_pos is not None:
                 q = q + query_pos.to(q.dtype)  # (T, D) broadcast over the batch
             x = x + self.drop(cross(q, context, key_mask=context_mask, cache=cross_cache))
-        if second and self.has_second_mlp:
-            return x + self.mlp_b(self.norm3b(x))
-        return x + self.mlp(self.norm3(x))
+        norm, mlp = self._part("mlp", "norm3", second)
+        return x + mlp(norm(x))
 
 
 class Pool(nn.Module):

@@ -62,7 +62,8 @@ def _onednn(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 def use_onednn(x: Tensor, w: Tensor, dtypes: tuple = (torch.float32,), compiled_ok: bool = False) -> bool:
-    """Whether ``linear`` sends this product to oneDNN (see the module docstring)."""
+    """Whether this product may go to oneDNN (see the module docstring); ``compiled_ok``: inside
+    torch.compile (whose fake tensors are subclasses)."""
     return (_backend == "onednn" and _HAVE_ONEDNN and x.device.type == "cpu"
             and x.dtype in dtypes and w.dtype == x.dtype and x.numel() > 0
             and (compiled_ok or (type(x) in (Tensor, nn.Parameter) and type(w) in (Tensor, nn.Parameter)))
@@ -121,32 +122,25 @@ _product_op.register_autograd(_backward, setup_context=_save)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear, in oneDNN where ``use_onednn`` says so (see the module docstring)."""
+    """F.linear, in oneDNN where ``use_onednn`` says so (see the module docstring): fp32 always,
+    bf16 too when no gradient is needed (the products that can use packed weights)."""
     if bias is not None and bias.dtype != weight.dtype:
         return F.linear(x, weight, bias)
-    if torch.compiler.is_compiling():
-        if use_onednn(x, weight, compiled_ok=True):
-            return _product_op(x.contiguous(), weight, bias)
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+    compiling = torch.compiler.is_compiling()
+    if not use_onednn(x, weight, (torch.float32,) if grad else PACKABLE, compiled_ok=compiling):
         return F.linear(x, weight, bias)
-    if not use_onednn(x, weight):
-        return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if grad or compiling:  # the operator: its gradient, and opaque to inductor
         return _product_op(x.contiguous(), weight, bias)
     return _product(x.contiguous(), weight, bias)  # no autograd: skip the operator's dispatch
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state dict) computed by ``linear``; without gradients also
-    in bf16, and with packed weights inside ``packed_for_rows``."""
+    """nn.Linear (same parameters and state dict) computed by ``linear``, so with packed weights
+    inside ``packed_for_rows``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled() and x.dtype == torch.bfloat16:
-            if torch.compiler.is_compiling():
-                if use_onednn(x, self.weight, PACKABLE, compiled_ok=True):
-                    return _product_op(x.contiguous(), self.weight, self.bias)
-            elif use_onednn(x, self.weight, PACKABLE):
-                return _product(x.contiguous(), self.weight, self.bias)
         return linear(x, self.weight, self.bias)
 
 

@@ -208,7 +208,7 @@ def test_cpu_half_precision_training_attention_runs_in_fp32():
 
 @pytest.mark.parametrize("masked", ["none", "padded", "empty_row"])
 def test_bf16_few_query_attention_without_grad_matches_fp32(masked, monkeypatch):
-    """The written-out path for bf16 decoding (mm.nn.attention._attend_few_queries) equals SDPA
+    """The written-out path for bf16 decoding (mm.nn.attention._few_query_attention) equals SDPA
     in fp32 to bf16 rounding, including a row with no visible key (zeros)."""
     import torch.nn.functional as F
 
@@ -223,8 +223,8 @@ def test_bf16_few_query_attention_without_grad_matches_fp32(masked, monkeypatch)
         if masked == "empty_row":
             mask[1] = False
     used = []
-    real = att._attend_few_queries
-    monkeypatch.setattr(att, "_attend_few_queries", lambda *a: used.append(1) or real(*a))
+    real = att._few_query_attention
+    monkeypatch.setattr(att, "_few_query_attention", lambda *a, **kw: used.append(1) or real(*a, **kw))
     with torch.no_grad():
         got = att.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
         ref = att.attend(q, k, v, mask)

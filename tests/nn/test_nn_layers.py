@@ -77,3 +77,11 @@ def test_pool_mean_max_and_attention_probe_match_naive():
     torch.testing.assert_close(pool(x), pool.out(torch.cat(heads, -1)))
     with pytest.raises(ValueError, match="pool must be one of"):
         Pool("cls", 8, 2)
+
+
+def test_block_second_parts_are_named_and_checked():
+    blk = Block(16, 2, context_dim=16, second=("attn", "cross", "mlp"))
+    assert {"attn_b.qkv.weight", "cross_b.q.weight", "mlp_b.fc.weight", "norm1b.weight"} <= set(blk.state_dict())
+    assert Block(16, 2, second=("cross",)).second == frozenset()  # no cross-attention to copy
+    with pytest.raises(ValueError, match="second parts must be attn, cross or mlp"):
+        Block(16, 2, second=("norm",))

@@ -19,6 +19,15 @@ def _grads(fn, x, w, b):
     return y, x.grad, w.grad, None if b is None else b.grad
 
 
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Records each call of oneDNN's product (whether its weight was packed) and runs it."""
+    calls = []
+    real = lin._onednn
+    monkeypatch.setattr(lin, "_onednn", lambda x, w, b: calls.append(w.is_mkldnn) or real(x, w, b))
+    return calls
+
+
 @needs_onednn
 @pytest.mark.parametrize("shape", [(7, 16), (3, 5, 16), (2, 3, 4, 16), (1, 16)])
 @pytest.mark.parametrize("bias", [True, False])
@@ -36,10 +45,8 @@ def test_onednn_linear_matches_f_linear_forward_and_backward(shape, bias):
 
 
 @needs_onednn
-def test_onednn_is_actually_called(monkeypatch):
-    calls = []
-    real = lin._onednn
-    monkeypatch.setattr(lin, "_onednn", lambda *a: calls.append(1) or real(*a))
+def test_onednn_is_actually_called(onednn_calls):
+    calls = onednn_calls
     layer = Linear(16, 8)
     layer(torch.randn(4, 16, requires_grad=True)).sum().backward()
     assert len(calls) == 3  # forward, dx, dW
@@ -103,7 +110,7 @@ def test_compiled_linear_matches():
 
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_for_rows_matches_and_is_used_only_at_its_row_count(dtype, monkeypatch):
+def test_packed_for_rows_matches_and_is_used_only_at_its_row_count(dtype, onednn_calls):
     from mm.nn.linear import _PACKED, packed_for_rows
 
     torch.manual_seed(4)
@@ -111,9 +118,8 @@ def test_packed_for_rows_matches_and_is_used_only_at_its_row_count(dtype, monkey
     x4, x5 = torch.randn(4, 1, 16, dtype=dtype), torch.randn(5, 16, dtype=dtype)
     with torch.no_grad():
         plain4, plain5 = model(x4), model(x5)
-    used = []
-    real = lin._onednn
-    monkeypatch.setattr(lin, "_onednn", lambda x, w, b: used.append(w.is_mkldnn) or real(x, w, b))
+    used = onednn_calls
+    used.clear()  # count from here: the packed block below
     with torch.no_grad(), packed_for_rows(model, 4) as n:
         assert n == 2 and len(_PACKED) == 2
         packed4, again5 = model(x4), model(x5)
@@ -139,15 +145,13 @@ def test_packed_for_rows_cleans_up_after_an_error():
 
 
 @needs_onednn
-def test_compiled_inference_uses_the_onednn_operator(monkeypatch):
+def test_compiled_inference_uses_the_onednn_operator(onednn_calls):
     from mm.nn.linear import packed_for_rows
 
     torch.manual_seed(5)
     layer = Linear(16, 8)
     x = torch.randn(3, 16)
-    calls = []
-    real = lin._onednn
-    monkeypatch.setattr(lin, "_onednn", lambda *a: calls.append(1) or real(*a))
+    calls = onednn_calls
     torch._dynamo.reset()
     with torch.no_grad(), packed_for_rows(layer, 3):
         y = torch.compile(lambda t: torch.relu(layer(t)), fullgraph=True)(x)
@@ -156,13 +160,11 @@ def test_compiled_inference_uses_the_onednn_operator(monkeypatch):
 
 
 @needs_onednn
-def test_compiled_training_keeps_onednn_and_its_gradients(monkeypatch):
+def test_compiled_training_keeps_onednn_and_its_gradients(onednn_calls):
     torch.manual_seed(6)
     layer = Linear(16, 8)
     x = torch.randn(2, 3, 16, requires_grad=True)
-    calls = []
-    real = lin._onednn
-    monkeypatch.setattr(lin, "_onednn", lambda *a: calls.append(1) or real(*a))
+    calls = onednn_calls
     torch._dynamo.reset()
     out = torch.compile(lambda t: torch.tanh(layer(t)).square().sum(), fullgraph=True)(x)
     out.backward()
