@@ -82,7 +82,7 @@ def train(model, tok, codes, caps, steps: int) -> None:
         texts = [caps[i][int(torch.randint(0, len(caps[i]), (1,), generator=g))] for i in idx.tolist()]
         ids, mask = tok.encode(texts, 32)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            states, smask, _ = cfg_drop(model, *model.encode_text(ids, mask), 0.1)
+            states, smask, _ = cfg_drop(model, *model.encode_prompt(ids, mask), 0.1)
             loss, metrics, _ = t2i_loss(model, codes[idx], states, smask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -97,7 +97,7 @@ def score(model, tok, vq, plan: bool, guidance: float, n: int = 240) -> dict:
     specs, out = eval_prompts(n), []
     for i in range(0, n, 60):
         ids, mask = tok.encode([s["prompt"] for s in specs[i:i + 60]], 32)
-        text = model.encode_text(ids, mask)
+        text = model.encode_prompt(ids, mask)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out.append(sample_codes(model, text, seeds_tensor(list(range(i, i + 60)), 60), SamplingParams(guidance)))
     codes = torch.cat(out)[:, 1:] if plan else torch.cat(out)  # drop the plan row

@@ -69,7 +69,7 @@ def main(n: int = 2048, steps: int = 800, width: int = 128, cross_pos: int = 0) 
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(train), (32,))
         ids, mask = tok.encode([train[i]["prompt"] for i in idx], max_len=24)
-        states, smask = model.encode_text(ids, mask)
+        states, smask = model.encode_prompt(ids, mask)
         loss, _, _ = t2i_loss(model, train_codes[idx], states, smask)
         opt.zero_grad()
         loss.backward()

@@ -49,7 +49,7 @@ def code_log_likelihood(model, tokenizer, codes: torch.Tensor, prompts: list[str
     """log p(codes | prompt) for each prompt (P,), codes (h, w) of one image."""
     ids, mask = tokenizer.encode(prompts, model.config.text_max_len)
     ids, mask = ids.to(codes.device), mask.to(codes.device)
-    states, smask = model.encode_text(ids, mask)  # (P, L, D), (P, L)
+    states, smask = model.encode_prompt(ids, mask)  # (P, L, D), (P, L)
     batch = codes.unsqueeze(0).expand(len(prompts), -1, -1)  # (P, h, w)
     logp = model.t2i_logits(batch, states, smask).float().log_softmax(-1)  # (P, N, K)
     return logp.gather(-1, batch.flatten(1).unsqueeze(-1)).squeeze(-1).sum(-1)  # (P,)

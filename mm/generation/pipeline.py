@@ -159,7 +159,7 @@ class TextToImagePipeline:
                               "it is truncated", stacklevel=3)
         ids, mask = self.tokenizer.encode([p or " " for p in cleaned], max_len=max_len)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        states, mask = self.model.encode_text(ids, mask)  # (B, Lt, D), (B, Lt)
+        states, mask = self.model.encode_prompt(ids, mask)  # (B, Lt, D), (B, Lt)
         empty = torch.tensor([not p for p in cleaned], device=self.device)
         if empty.any():
             warnings.warn("empty prompt: sampling that image unconditionally (null text context)", stacklevel=3)

@@ -280,7 +280,7 @@ def sample_codes(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor, param
                  compile: bool | str = False, progress=None) -> Tensor:
     """Sample (B, h, w) VQ codes.
 
-    text: (states (B, Lt, D), mask (B, Lt)) from ``model.encode_text``, or None for unconditional
+    text: (states (B, Lt, D), mask (B, Lt)) from ``model.encode_prompt``, or None for unconditional
     samples; uncond: the negative prompt's (states, mask) for the unconditional branch (default:
     the null context); seeds (B,) int64, one per sample; progress: a callable called once per code;
     compile: True (inductor) or a torch.compile backend name for the per-code step.

@@ -3,6 +3,7 @@
 What the objectives and the sampler call (all tensors batch-first):
 
     text_states, text_mask = model.encode_text(ids, mask)         # (B, Lt, D), (B, Lt) bool
+    model.encode_prompt(ids, mask)  # the same for T2I's context (its own encoder with t2i_text)
     model.text_embedding(ids, mask) / model.pool_text(states, mask) -> (B, E) unit-norm ITC embedding
     model.image_states(images, text_states=None, text_mask=None)  # (B, Li, D); no text = null context
     model.image_embedding(images) / model.pool_image(states)      -> (B, E) unit-norm ITC embedding
@@ -85,6 +86,9 @@ class MMConfig:
     t2i_cross: bool = False
     t2i_mlp: bool = False  # the same for the MLPs (a T2I "modality expert" per block, as in VLMo)
     t2i_attn: bool = False  # the same for the self-attention (all three: T2I shares only the text encoder)
+    # T2I reads its prompt with a text encoder of its own (same kind and size); understanding keeps the
+    # first. The understanding losses' gradients in a shared encoder cost T2I its shape words.
+    t2i_text: bool = False
     codebook_size: int = 512  # K of the VQ tokenizer
     code_grid: list[int] = field(default_factory=lambda: [8, 8])  # (h, w) of the VQ code grid
     decoder_depth: int = 2
@@ -164,15 +168,8 @@ class MMModel(nn.Module):
         self.vqa_reader = self._vqa_reader() if c.vqa_answers else None
         self.vqa_head = self._vqa_head(c.vqa_answers) if c.vqa_answers else None
         self.apply(self._init_weights)  # before the HF encoder exists, so pretrained weights stay
-        if c.text_encoder == "builtin":
-            self.text_encoder = BuiltinTextEncoder(c.vocab_size, c.text_width, c.text_depth, c.text_heads,
-                                                   c.text_max_len, c.width, **blocks, freeze=c.freeze_text_encoder)
-            self.text_encoder.apply(self._init_weights)
-        else:
-            self.text_encoder = HFTextEncoder(c.width, c.text_encoder, c.text_encoder_config,
-                                              freeze=c.freeze_text_encoder)
-            c.text_encoder_config = self.text_encoder.hf_config
-            self._init_weights(self.text_encoder.proj)
+        self.text_encoder = self._text_encoder(blocks)
+        self.t2i_text_encoder = self._text_encoder(blocks) if c.t2i_text else None
 
     def _init_weights(self, m: nn.Module) -> None:
         # GPT-2 style: N(0, 0.02), zero biases, residual output projections scaled by 1/sqrt(2·layers).
@@ -189,6 +186,18 @@ class MMModel(nn.Module):
         residual_out = m.out if isinstance(m, Attention) else m.proj if isinstance(m, MLP) else None
         if residual_out is not None:  # apply() visits children first, so this overrides the above
             nn.init.normal_(residual_out.weight, std=0.02 / math.sqrt(2 * max(self.config.depth, 1)))
+
+    def _text_encoder(self, blocks: dict) -> nn.Module:
+        c = self.config
+        if c.text_encoder == "builtin":
+            enc = BuiltinTextEncoder(c.vocab_size, c.text_width, c.text_depth, c.text_heads, c.text_max_len,
+                                     c.width, **blocks, freeze=c.freeze_text_encoder)
+            enc.apply(self._init_weights)
+            return enc
+        enc = HFTextEncoder(c.width, c.text_encoder, c.text_encoder_config, freeze=c.freeze_text_encoder)
+        c.text_encoder_config = enc.hf_config
+        self._init_weights(enc.proj)
+        return enc
 
     def _vqa_reader(self) -> nn.Module | None:
         """The question side of the VQA head: reader blocks, the FiLM projection, or nothing."""
@@ -219,10 +228,11 @@ class MMModel(nn.Module):
 
     def set_grad_checkpointing(self, on: bool = True) -> None:
         self.backbone.grad_checkpointing = self.decoder.grad_checkpointing = on
-        if isinstance(self.text_encoder, BuiltinTextEncoder):
-            self.text_encoder.grad_checkpointing = on
-        else:
-            self.text_encoder.set_grad_checkpointing(on)
+        for enc in (self.text_encoder, self.t2i_text_encoder):
+            if isinstance(enc, BuiltinTextEncoder):
+                enc.grad_checkpointing = on
+            elif enc is not None:
+                enc.set_grad_checkpointing(on)
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -231,6 +241,11 @@ class MMModel(nn.Module):
 
     def encode_text(self, ids: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.text_encoder(ids, mask)  # (B, Lt, D), (B, Lt) bool
+
+    def encode_prompt(self, ids: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The text states T2I cross-attends to: its own encoder's with ``t2i_text``, else encode_text's."""
+        enc = self.t2i_text_encoder if self.t2i_text_encoder is not None else self.text_encoder
+        return enc(ids, mask)  # (B, Lt, D), (B, Lt) bool
 
     def pool_text(self, text_states: Tensor, text_mask: Tensor) -> Tensor:
         return F.normalize(self.itc_text(masked_mean(text_states, text_mask)), dim=-1)  # (B, E)

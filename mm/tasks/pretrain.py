@@ -170,8 +170,12 @@ class PretrainTask:
         mask = batch["attention_mask"].bool()
         losses, metrics = {}, {}
         text_states = text_mask = None
-        if {"itc", "itm", "t2i"} & set(todo):
+        own_prompt = m.t2i_text_encoder is not None  # model.t2i_text: T2I reads the prompt with its own encoder
+        if ({"itc", "itm"} | (set() if own_prompt else {"t2i"})) & set(todo):
             text_states, text_mask = m.encode_text(ids, mask)  # (B, L, D), (B, L)
+        prompt_states, prompt_mask = text_states, text_mask  # what T2I cross-attends to
+        if own_prompt and "t2i" in todo:
+            prompt_states, prompt_mask = m.encode_prompt(ids, mask)
 
         image_states = None  # backbone with the null context: ITC's image side and the caption memory
         if "itc" in todo or "caption" in todo:
@@ -194,7 +198,7 @@ class PretrainTask:
         if "caption" in todo:
             losses["caption"], _ = obj.caption_loss(m, image_states, ids, mask)
         if "t2i" in todo:
-            states, cmask, _ = obj.cfg_drop(m, text_states, text_mask, self.cfg.objectives.cfg_dropout)
+            states, cmask, _ = obj.cfg_drop(m, prompt_states, prompt_mask, self.cfg.objectives.cfg_dropout)
             losses["t2i"], mt, _ = obj.t2i_loss(m, self.codes(batch), states, cmask)
             metrics.update(mt)
         total = sum(self.weights[n] * losses[n] for n in losses)
@@ -221,7 +225,7 @@ class PretrainTask:
                 n = float(mask[:, 1:].sum())
                 cap_sum, cap_n = cap_sum + float(loss) * n, cap_n + n
             if "t2i" in self.active:
-                states, tmask = m.encode_text(ids, mask)
+                states, tmask = m.encode_prompt(ids, mask)
                 loss, _, correct = obj.t2i_loss(m, self.codes(batch), states, tmask)
                 t2i_sum += float(loss) * correct.numel()
                 t2i_correct += float(correct.sum())
@@ -243,7 +247,7 @@ class PretrainTask:
             return {}
         m = self.model
         images = batch["image"][:max_images]
-        states, mask = m.encode_text(batch["input_ids"][:max_images], batch["attention_mask"][:max_images].bool())
+        states, mask = m.encode_prompt(batch["input_ids"][:max_images], batch["attention_mask"][:max_images].bool())
         from mm.generation.sampler import SamplingParams, sample_codes, seeds_tensor
 
         seeds = seeds_tensor(0, images.shape[0], images.device)  # fixed seeds: comparable across evaluations

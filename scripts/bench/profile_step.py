@@ -87,7 +87,7 @@ def profile_train(quick: bool, dtype: str, rows: int) -> dict:
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            states, m = model.encode_text(text, mask)
+            states, m = model.encode_prompt(text, mask)
             logits = model.t2i_logits(codes, states, m)  # (B, N, K)
             loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
         loss.backward()
@@ -107,7 +107,7 @@ def profile_decode(quick: bool, cfg_on: bool, rows: int, steps: int = 32, compil
     model = MMModel(cfg).eval()
     batch = 4
     ids = torch.randint(5, vocab, (batch, 32))
-    states, mask = model.encode_text(ids, torch.ones_like(ids, dtype=torch.bool))
+    states, mask = model.encode_prompt(ids, torch.ones_like(ids, dtype=torch.bool))
     if cfg_on:
         u_states, u_mask = model.null_context(batch, states.shape[1])
         states, mask = torch.cat([states, u_states.to(states.dtype)]), torch.cat([mask, u_mask])

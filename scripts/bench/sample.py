@@ -102,7 +102,7 @@ def time_mm(model, batch: int, prompt_len: int, params: SamplingParams, device, 
     sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        text = model.encode_text(ids, mask)
+        text = model.encode_prompt(ids, mask)
         if sjd_window:
             sample_codes_sjd(model, text, seeds, params, window=sjd_window, stats=stats)
         else:
@@ -132,7 +132,7 @@ def per_token_times(model, batch: int, prompt_len: int, params: SamplingParams, 
     costs ``steps`` decode steps; alternating the windows cancels slow drifts of machine load.
     """
     ids = torch.randint(5, model.config.vocab_size, (batch, prompt_len), device=device)
-    text = model.encode_text(ids, torch.ones_like(ids, dtype=torch.bool))
+    text = model.encode_prompt(ids, torch.ones_like(ids, dtype=torch.bool))
     _, state = model.t2i_prefill(*text)
     step = decode_step_fn(compile)
     seeds, prev = seeds_tensor(0, batch, device), torch.zeros(batch, dtype=torch.long, device=device)

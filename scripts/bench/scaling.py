@@ -48,7 +48,7 @@ def t2i_batch(cfg, batch: int) -> dict:
 
 
 def t2i_loss(model, b: dict) -> torch.Tensor:
-    states, mask = model.encode_text(b["text"], b["mask"])  # (B, Lt, D)
+    states, mask = model.encode_prompt(b["text"], b["mask"])  # (B, Lt, D)
     logits = model.t2i_logits(b["codes"], states, mask)  # (B, N, K)
     return F.cross_entropy(logits.float().flatten(0, 1), b["codes"].flatten())
 
@@ -97,7 +97,7 @@ def sample_point(preset: str, side: int, batch: int, repeats: int) -> dict:
     model = create_model(preset, code_grid=[side, side]).eval()
     cfg = model.config
     ids = torch.randint(5, cfg.vocab_size, (batch, cfg.text_max_len))
-    text = model.encode_text(ids, torch.ones_like(ids, dtype=torch.bool))
+    text = model.encode_prompt(ids, torch.ones_like(ids, dtype=torch.bool))
     seeds = seeds_tensor(0, batch)
     params = SamplingParams(guidance_scale=1.0, top_k=50)
     sample_codes(model, text, seeds, params)  # warm-up

@@ -92,7 +92,7 @@ def build_mm(a):
     model = MMModel(cfg)
 
     def loss_fn(batch):
-        states, mask = model.encode_text(batch["text"], batch["text_mask"])  # (B, Lt, D)
+        states, mask = model.encode_prompt(batch["text"], batch["text_mask"])  # (B, Lt, D)
         codes = batch["image"].view(-1, side, side)
         logits = model.t2i_logits(codes, states, mask)  # (B, N, K)
         return F.cross_entropy(logits.float().flatten(0, 1), batch["image"].flatten())

@@ -447,3 +447,24 @@ def test_t2i_own_weights_serve_only_the_code_stream(option, tmp_path):
     loaded = MMModel.from_pretrained(tmp_path)
     assert getattr(loaded.config, option) and all(torch.equal(a, b) for a, b in
                                                  zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_t2i_text_gives_the_prompt_an_encoder_of_its_own(tmp_path):
+    torch.manual_seed(0)
+    plain = create_model("debug").eval()
+    ids, mask = text(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.encode_prompt(ids, mask), plain.encode_text(ids, mask))
+    model = create_model("debug", t2i_text=True).eval()
+    assert plain.t2i_text_encoder is None and "t2i_text_encoder.tok.weight" in model.state_dict()
+    with torch.no_grad():
+        assert not torch.allclose(model.encode_prompt(ids, mask)[0], model.encode_text(ids, mask)[0])
+        model.t2i_text_encoder.load_state_dict(model.text_encoder.state_dict())  # same weights, same states
+        torch.testing.assert_close(model.encode_prompt(ids, mask), model.encode_text(ids, mask))
+        torch.nn.init.normal_(model.t2i_text_encoder.proj.weight)
+    model.set_grad_checkpointing(True)
+    assert model.t2i_text_encoder.grad_checkpointing and model.text_encoder.grad_checkpointing
+    model.save_pretrained(tmp_path)
+    loaded = MMModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_prompt(ids, mask), model.encode_prompt(ids, mask))

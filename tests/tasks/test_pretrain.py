@@ -214,3 +214,19 @@ def test_eval_retrieval_and_caption_commands(trained, tmp_path, capsys):
     scores = json.loads(out.read_text())
     assert scores["samples"] == 6 and 0 <= scores["bleu4"] <= 1 and scores["cider_d"] >= 0
     assert main(["eval", "retrieval", "--model", str(tmp_path), "--data", str(val)]) == 2  # not a model
+
+
+def test_t2i_text_encoder_learns_from_t2i_alone(tmp_path):
+    cfg = tiny_config(tmp_path, cfg_dropout=0.0)
+    cfg.model.t2i_text = True
+    task = PretrainTask(cfg)
+    batch = make_batch(task.tokenizer, 4)
+    grads = {}
+    for name in OBJECTIVES:  # one objective at a time: which encoder does its loss reach?
+        task.model.zero_grad()
+        task.weights = {n: float(n == name) for n in OBJECTIVES}
+        loss, _ = task.loss(batch, 0)
+        loss.backward()
+        grads[name] = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
+                       for enc in (task.model.text_encoder, task.model.t2i_text_encoder)]
+    assert grads == {"itc": [True, False], "itm": [True, False], "caption": [False, False], "t2i": [False, True]}
