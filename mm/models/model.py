@@ -87,7 +87,7 @@ class MMConfig:
     t2i_mlp: bool = False  # the same for the MLPs (a T2I "modality expert" per block, as in VLMo)
     t2i_attn: bool = False  # the same for the self-attention (all three: T2I shares only the text encoder)
     # T2I reads its prompt with a text encoder of its own (same kind and size); understanding keeps the
-    # first. The understanding losses' gradients in a shared encoder cost T2I its shape words.
+    # first. One encoder read by both streams cost T2I its shape words (BENCHMARKS.md, session 15).
     t2i_text: bool = False
     codebook_size: int = 512  # K of the VQ tokenizer
     code_grid: list[int] = field(default_factory=lambda: [8, 8])  # (h, w) of the VQ code grid
