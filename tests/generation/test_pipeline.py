@@ -96,3 +96,19 @@ def test_bad_arguments(pipe, kwargs, msg):
 def test_unknown_model_folder(tmp_path):
     with pytest.raises(MMError, match="not an exported mm model"):
         TextToImagePipeline.from_pretrained(tmp_path / "nothing")
+
+
+def test_a_model_with_its_own_t2i_text_encoder_reads_prompts_with_it(pipe):
+    from mm.models.model import MMModel
+
+    torch.manual_seed(0)
+    model = MMModel(type(pipe.base_model.config)(**{**vars(pipe.base_model.config), "t2i_text": True}))
+    model.load_state_dict(pipe.base_model.state_dict(), strict=False)  # the T2I encoder stays random
+    own = TextToImagePipeline(model, pipe.vq, pipe.tokenizer, device="cpu")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("T2I read the prompt with the understanding encoder")
+
+    model.text_encoder.forward = refuse
+    codes = own.generate_codes(["a red circle"], guidance_scale=3.0, seed=1)
+    assert not torch.equal(codes, pipe.generate_codes(["a red circle"], guidance_scale=3.0, seed=1))
