@@ -170,7 +170,7 @@ class PretrainTask:
         mask = batch["attention_mask"].bool()
         losses, metrics = {}, {}
         text_states = text_mask = None
-        own_prompt = m.t2i_text_encoder is not None  # model.t2i_text: T2I reads the prompt with its own encoder
+        own_prompt = m.t2i_text_encoder is not None  # model.t2i_text: T2I has an encoder of its own
         if ({"itc", "itm"} | (set() if own_prompt else {"t2i"})) & set(todo):
             text_states, text_mask = m.encode_text(ids, mask)  # (B, L, D), (B, L)
         prompt_states, prompt_mask = text_states, text_mask  # what T2I cross-attends to
