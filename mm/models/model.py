@@ -229,9 +229,7 @@ class MMModel(nn.Module):
     def set_grad_checkpointing(self, on: bool = True) -> None:
         self.backbone.grad_checkpointing = self.decoder.grad_checkpointing = on
         for enc in (self.text_encoder, self.t2i_text_encoder):
-            if isinstance(enc, BuiltinTextEncoder):
-                enc.grad_checkpointing = on
-            elif enc is not None:
+            if enc is not None:
                 enc.set_grad_checkpointing(on)
 
     def num_params(self, trainable_only: bool = False) -> int:

@@ -77,6 +77,9 @@ class BuiltinTextEncoder(nn.Module):
                 x = blk(x, key_mask=mask, rope=rope)  # padding keys are never attended to
         return self.proj(self.norm(x)), mask  # (B, L, D), (B, L)
 
+    def set_grad_checkpointing(self, on: bool) -> None:
+        self.grad_checkpointing = on
+
     def pooled(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """(B, D) masked mean of the projected states (unnormalised; MMModel adds the ITC head)."""
         return masked_mean(*self(input_ids, attention_mask))

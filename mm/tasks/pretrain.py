@@ -171,9 +171,9 @@ class PretrainTask:
         losses, metrics = {}, {}
         text_states = text_mask = None
         own_prompt = m.t2i_text_encoder is not None  # model.t2i_text: T2I has an encoder of its own
-        if ({"itc", "itm"} | (set() if own_prompt else {"t2i"})) & set(todo):
+        if {"itc", "itm"} & set(todo) or ("t2i" in todo and not own_prompt):
             text_states, text_mask = m.encode_text(ids, mask)  # (B, L, D), (B, L)
-        prompt_states, prompt_mask = text_states, text_mask  # what T2I cross-attends to
+        prompt_states, prompt_mask = text_states, text_mask  # T2I's context: the same states, one pass
         if own_prompt and "t2i" in todo:
             prompt_states, prompt_mask = m.encode_prompt(ids, mask)
 

@@ -99,10 +99,12 @@ def test_unknown_model_folder(tmp_path):
 
 
 def test_a_model_with_its_own_t2i_text_encoder_reads_prompts_with_it(pipe):
+    import dataclasses
+
     from mm.models.model import MMModel
 
     torch.manual_seed(0)
-    model = MMModel(type(pipe.base_model.config)(**{**vars(pipe.base_model.config), "t2i_text": True}))
+    model = MMModel(dataclasses.replace(pipe.base_model.config, t2i_text=True))
     model.load_state_dict(pipe.base_model.state_dict(), strict=False)  # the T2I encoder stays random
     own = TextToImagePipeline(model, pipe.vq, pipe.tokenizer, device="cpu")
 
