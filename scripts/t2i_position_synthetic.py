@@ -8,7 +8,11 @@ times during training. BENCHMARKS.md session 12: the cell probe on unseen render
 (``model.cross_pos``: the learned positions on every cross-attention query) it goes 9 / 22 / 67 /
 92 %. Usage:
 
-    python scripts/t2i_position_synthetic.py [N_RENDERS] [STEPS] [WIDTH] [CROSS_POS]
+    python scripts/t2i_position_synthetic.py [N_RENDERS] [STEPS] [WIDTH] [CROSS_POS] [TEXTURE] [WEIGHT]
+
+TEXTURE = 1 draws each render on a background of the shapes data (plain or textured, as its
+scenes are) instead of the plain background of ``render_spec``; WEIGHT (with TEXTURE = 1) trains with the
+object code weights of ``objectives.t2i_object_weight``.
 """
 
 import random
@@ -18,29 +22,52 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from mm.data.shapes import CELLS, COLORS, SHAPES
+from mm.data.shapes import CELLS, COLORS, SHAPES, SIZES, make_object, render_scene, sample_background
 from mm.data.tokenizer import load_tokenizer, train_tokenizer
 from mm.eval import t2i_probe as P
 from mm.eval.t2i import rendered_references
+from mm.generation.pipeline import to_tensor
 from mm.models.presets import create_model
 from mm.models.vq import VQTokenizer
-from mm.tasks.objectives import t2i_loss
+from mm.tasks.objectives import object_weights, t2i_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make(vq, rng: random.Random, n: int, seed: int) -> tuple[list[dict], torch.Tensor]:
+def textured(specs: list[dict], seed: int) -> torch.Tensor:
+    """The specs drawn as the shapes data draws its scenes: on its plain or textured backgrounds.
+    Each spec's drawn object (with its bbox) is kept in ``spec["drawn"]``."""
+    images = []
+    for i, spec in enumerate(specs):
+        rng = np.random.default_rng([seed + i, 7])
+        o = spec["objects"][0]
+        spec["drawn"] = make_object(rng, o["shape"], o["color"], SIZES[rng.integers(2)], o["cell"], 48)
+        images.append(render_scene([spec["drawn"]], sample_background(rng), 48))
+    return to_tensor(images, 48)
+
+
+def code_weights(specs: list[dict], codes: torch.Tensor, k: int, weight: float) -> torch.Tensor:
+    """Per-code loss weights (K,) as ``objectives.t2i_object_weight`` computes them from the boxes."""
+    boxes = object_weights([{"objects": [s["drawn"]]} for s in specs], (12, 12), 48, 2.0)  # (n, 144)
+    flat = codes.flatten(1)
+    total = torch.bincount(flat.flatten(), minlength=k)
+    inside = torch.bincount(flat.flatten(), weights=(boxes > 1).flatten().float(), minlength=k)
+    return 1.0 + (weight - 1.0) * inside / total.clamp(min=1)
+
+
+def make(vq, rng: random.Random, n: int, seed: int, texture: bool) -> tuple[list[dict], torch.Tensor]:
     """n random one-object specs with their prompts, and the VQ codes of their renders (n, 12, 12)."""
     specs = []
     for _ in range(n):
         c, s, cell = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(CELLS)
         specs.append({"prompt": f"a {c} {s} in the {cell}",
                       "objects": [{"color": c, "shape": s, "count": 1, "cell": cell}]})
+    draw = textured if texture else (lambda sp, sd: rendered_references(sp, 48, seed=sd))
     with torch.no_grad():
-        codes = torch.cat([vq.encode(rendered_references(specs[i:i + 64], 48, seed=seed + i))
-                           for i in range(0, n, 64)])
+        codes = torch.cat([vq.encode(draw(specs[i:i + 64], seed + i)) for i in range(0, n, 64)])
     return specs, codes
 
 
@@ -53,17 +80,22 @@ def probe(model, tok, specs: list[dict], codes: torch.Tensor) -> dict:
     return {k: v["accuracy"] for k, v in P.summary(hits, totals).items() if k != "chance"}
 
 
-def main(n: int = 2048, steps: int = 800, width: int = 128, cross_pos: int = 0) -> None:
+def main(n: int = 2048, steps: int = 800, width: int = 128, cross_pos: int = 0, texture: int = 0,
+         weight: float = 1.0) -> None:
+    if weight != 1.0 and not texture:
+        raise SystemExit("WEIGHT needs TEXTURE = 1 (the object boxes come from those renders)")
     torch.manual_seed(0)
     rng = random.Random(0)
     vq = VQTokenizer.from_pretrained(ROOT / "tests" / "fixtures" / "vq48").eval()
-    train, train_codes = make(vq, rng, n, 0)
-    test, test_codes = make(vq, rng, 64, 100000)
+    train, train_codes = make(vq, rng, n, 0, bool(texture))
+    test, test_codes = make(vq, rng, 64, 100000, bool(texture))
     tok = load_tokenizer(train_tokenizer([s["prompt"] for s in train], 300, tempfile.mkdtemp()))
     model = create_model("debug", width=width, depth=4, heads=4, text_width=width, text_depth=2, text_heads=4,
                          vocab_size=len(tok), codebook_size=vq.cfg.codebook_size, code_grid=[12, 12],
                          image_size=48, patch_size=16, text_max_len=24, image_pos="both",
-                         cross_pos=bool(cross_pos))
+                         cross_pos=bool(cross_pos), t2i_code_weights=weight != 1.0)
+    if weight != 1.0:
+        model.set_t2i_code_weights(code_weights(train, train_codes, vq.cfg.codebook_size, weight))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     start = time.time()
     for step in range(1, steps + 1):
@@ -80,4 +112,4 @@ def main(n: int = 2048, steps: int = 800, width: int = 128, cross_pos: int = 0) 
 
 
 if __name__ == "__main__":
-    main(*[int(a) for a in sys.argv[1:5]])
+    main(*[int(a) for a in sys.argv[1:6]], *[float(a) for a in sys.argv[6:7]])
