@@ -32,7 +32,7 @@ from mm.eval.t2i import rendered_references
 from mm.generation.pipeline import to_tensor
 from mm.models.presets import create_model
 from mm.models.vq import VQTokenizer
-from mm.tasks.objectives import object_weights, t2i_loss
+from mm.tasks.objectives import object_code_weights, object_weights, t2i_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,15 +47,6 @@ def textured(specs: list[dict], seed: int) -> torch.Tensor:
         spec["drawn"] = make_object(rng, o["shape"], o["color"], SIZES[rng.integers(2)], o["cell"], 48)
         images.append(render_scene([spec["drawn"]], sample_background(rng), 48))
     return to_tensor(images, 48)
-
-
-def code_weights(specs: list[dict], codes: torch.Tensor, k: int, weight: float) -> torch.Tensor:
-    """Per-code loss weights (K,) as ``objectives.t2i_object_weight`` computes them from the boxes."""
-    boxes = object_weights([{"objects": [s["drawn"]]} for s in specs], (12, 12), 48, 2.0)  # (n, 144)
-    flat = codes.flatten(1)
-    total = torch.bincount(flat.flatten(), minlength=k)
-    inside = torch.bincount(flat.flatten(), weights=(boxes > 1).flatten().float(), minlength=k)
-    return 1.0 + (weight - 1.0) * inside / total.clamp(min=1)
 
 
 def make(vq, rng: random.Random, n: int, seed: int, texture: bool) -> tuple[list[dict], torch.Tensor]:
@@ -95,7 +86,8 @@ def main(n: int = 2048, steps: int = 800, width: int = 128, cross_pos: int = 0, 
                          image_size=48, patch_size=16, text_max_len=24, image_pos="both",
                          cross_pos=bool(cross_pos), t2i_code_weights=weight != 1.0)
     if weight != 1.0:
-        model.set_t2i_code_weights(code_weights(train, train_codes, vq.cfg.codebook_size, weight))
+        boxes = object_weights([{"objects": [s["drawn"]]} for s in train], (12, 12), 48, 2.0)  # (n, 144)
+        model.set_t2i_code_weights(object_code_weights(train_codes.flatten(1), boxes > 1, vq.cfg.codebook_size, weight))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     start = time.time()
     for step in range(1, steps + 1):

@@ -213,6 +213,14 @@ def cfg_drop(model, text_states: Tensor, text_mask: Tensor, p: float) -> tuple[T
     return states, mask, dropped
 
 
+def object_code_weights(codes: Tensor, inside: Tensor, k: int, weight: float) -> Tensor:
+    """Per-code T2I loss weights (K,): 1 + (weight - 1)·f_c, where f_c is the share of code c's
+    occurrences in ``codes`` (B, N) that fall inside an object box (``inside`` (B, N) bool)."""
+    total = torch.bincount(codes.flatten(), minlength=k).float()
+    within = torch.bincount(codes.flatten(), weights=inside.flatten().float(), minlength=k).float()
+    return 1.0 + (weight - 1.0) * within / total.clamp(min=1)
+
+
 def object_weights(metas: list, grid: tuple[int, int], image_size: int, weight: float) -> Tensor | None:
     """(B, h*w) weights over an h×w grid laid on the image (e.g. the VQ code grid): ``weight`` for
     cells that overlap an object's bbox (json ``objects[].bbox`` in the stored image's pixels, mapped

@@ -135,22 +135,20 @@ class PretrainTask:
         """
         from mm.data.pipeline import make_loader
 
-        k = self.model.config.codebook_size
         grid, size = tuple(self.model.config.code_grid), self.cfg.data.image_size
-        inside, total, seen = torch.zeros(k), torch.zeros(k), 0
+        codes, inside, seen = [], [], 0
         for batch in make_loader(list(self.cfg.data.train), batch_size=64, seed=0, train=False, image_size=size,
                                  mode="image"):
             boxes = obj.object_weights(batch["meta"], grid, size, 2.0)  # (B, N): 2 inside a box, else 1
             if boxes is None:
                 raise MMError("objectives.t2i_object_weight needs object boxes in the train shards' json "
                               "(objects[].bbox, as the shapes data has); set it to 1 for other data")
-            codes = self.codes(batch).flatten(1).cpu()  # (B, N)
-            total += torch.bincount(codes.flatten(), minlength=k)
-            inside += torch.bincount(codes.flatten(), weights=(boxes > 1).flatten().float(), minlength=k)
-            seen += codes.shape[0]
+            codes.append(self.codes(batch).flatten(1).cpu())  # (B, N)
+            inside.append(boxes > 1)
+            seen += codes[-1].shape[0]
             if seen >= max_samples:
                 break
-        return 1.0 + (weight - 1.0) * inside / total.clamp(min=1)
+        return obj.object_code_weights(torch.cat(codes), torch.cat(inside), self.model.config.codebook_size, weight)
 
     @torch.no_grad()
     def codes(self, batch: dict) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """TextToImagePipeline: loading, images, seeds, prompt cleaning, save/load round trip."""
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 
 from mm.errors import MMError
 from mm.generation.pipeline import TextToImagePipeline, clean_prompt
+from mm.models.model import MMModel
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +101,6 @@ def test_unknown_model_folder(tmp_path):
 
 
 def test_a_model_with_its_own_t2i_text_encoder_reads_prompts_with_it(pipe):
-    import dataclasses
-
-    from mm.models.model import MMModel
-
     torch.manual_seed(0)
     model = MMModel(dataclasses.replace(pipe.base_model.config, t2i_text=True))
     model.load_state_dict(pipe.base_model.state_dict(), strict=False)  # the T2I encoder stays random
