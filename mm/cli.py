@@ -97,6 +97,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance (1 = none)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0 = all)")
+    p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fid-data", default="", help="shards of real images for FID (optional)")
     p.add_argument("--inception", default="", help="local Inception weights for FID (default: mm features)")

@@ -153,6 +153,12 @@ class ObjectivesConfig:
     cfg_dropout: float = 0.1  # probability that T2I sees the null text context
     t2i_object_weight: float = 1.0  # T2I loss weight of codes that draw objects (boxes in the json); 1 = uniform
     hard_negatives: bool = True
+    # Weight of T2I's future-codes loss (mm.tasks.objectives.t2i_future_loss): each state also predicts
+    # which codes are still to come (in each of regions x regions parts of the code grid), at every
+    # raster position or at `positions` random ones per batch (0 = all). 0 = off (no extra head).
+    t2i_future: float = 0.0
+    t2i_future_regions: int = 1
+    t2i_future_positions: int = 0
 
 
 @dataclass
@@ -413,6 +419,9 @@ def validate(cfg: Config) -> Config:
         ("objectives.mixing", cfg.objectives.mixing in ("all", "sample"), "must be all or sample"),
         ("objectives.cfg_dropout", 0.0 <= cfg.objectives.cfg_dropout <= 1.0, "must be in [0, 1]"),
         ("objectives.t2i_object_weight", cfg.objectives.t2i_object_weight >= 1.0, "must be >= 1 (1 = uniform)"),
+        ("objectives.t2i_future", cfg.objectives.t2i_future >= 0.0, "must be >= 0 (0 = off)"),
+        ("objectives.t2i_future_regions", cfg.objectives.t2i_future_regions >= 1, "must be >= 1"),
+        ("objectives.t2i_future_positions", cfg.objectives.t2i_future_positions >= 0, "must be >= 0 (0 = all)"),
         ("vqa.head", cfg.vqa.head in ("classifier", "generative"), "must be classifier or generative"),
         ("classify.target", cfg.classify.target in ("label", "shape", "count"), "must be label, shape or count"),
         ("classify.mode", cfg.classify.mode in ("finetune", "probe"), "must be finetune or probe"),

@@ -8,11 +8,12 @@ times during training. BENCHMARKS.md session 12: the cell probe on unseen render
 (``model.cross_pos``: the learned positions on every cross-attention query) it goes 9 / 22 / 67 /
 92 %. Usage:
 
-    python scripts/t2i_position_synthetic.py [N_RENDERS] [STEPS] [WIDTH] [CROSS_POS] [TEXTURE] [WEIGHT]
+    python scripts/t2i_position_synthetic.py [N_RENDERS] [STEPS] [WIDTH] [CROSS_POS] [TEXTURE] [WEIGHT] [FUTURE]
 
 TEXTURE = 1 draws each render on a background of the shapes data (plain or textured, as its
 scenes are) instead of the plain background of ``render_spec``; WEIGHT (with TEXTURE = 1) trains with the
-object code weights of ``objectives.t2i_object_weight``.
+object code weights of ``objectives.t2i_object_weight``; FUTURE > 0 adds the future-codes loss of
+``objectives.t2i_future`` with that weight (3 x 3 regions, 24 positions per batch).
 """
 
 import random
@@ -72,7 +73,7 @@ def probe(model, tok, specs: list[dict], codes: torch.Tensor) -> dict:
 
 
 def main(n: int = 2048, steps: int = 800, width: int = 128, cross_pos: int = 0, texture: int = 0,
-         weight: float = 1.0) -> None:
+         weight: float = 1.0, future: float = 0.0) -> None:
     if weight != 1.0 and not texture:
         raise SystemExit("WEIGHT needs TEXTURE = 1 (the object boxes come from those renders)")
     torch.manual_seed(0)
@@ -85,6 +86,8 @@ def main(n: int = 2048, steps: int = 800, width: int = 128, cross_pos: int = 0, 
                          vocab_size=len(tok), codebook_size=vq.cfg.codebook_size, code_grid=[12, 12],
                          image_size=48, patch_size=16, text_max_len=24, image_pos="both",
                          cross_pos=bool(cross_pos), t2i_code_weights=weight != 1.0)
+    if future:
+        model.set_t2i_future(3)
     if weight != 1.0:
         boxes = object_weights([{"objects": [s["drawn"]]} for s in train], (12, 12), 48, 2.0)  # (n, 144)
         model.set_t2i_code_weights(object_code_weights(train_codes.flatten(1), boxes > 1, vq.cfg.codebook_size, weight))
@@ -94,7 +97,9 @@ def main(n: int = 2048, steps: int = 800, width: int = 128, cross_pos: int = 0, 
         idx = torch.randint(0, len(train), (32,))
         ids, mask = tok.encode([train[i]["prompt"] for i in idx], max_len=24)
         states, smask = model.encode_prompt(ids, mask)
-        loss, _, _ = t2i_loss(model, train_codes[idx], states, smask)
+        loss, metrics, _ = t2i_loss(model, train_codes[idx], states, smask, future > 0, 24)
+        if future:
+            loss = loss + future * metrics["t2i_future"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -104,4 +109,4 @@ def main(n: int = 2048, steps: int = 800, width: int = 128, cross_pos: int = 0, 
 
 
 if __name__ == "__main__":
-    main(*[int(a) for a in sys.argv[1:6]], *[float(a) for a in sys.argv[6:7]])
+    main(*[int(a) for a in sys.argv[1:6]], *[float(a) for a in sys.argv[6:8]])

@@ -117,6 +117,9 @@ class MMConfig:
     # log w as a (K,) buffer and subtracts it from the code logits, so that sampling draws from
     # the data distribution, not from the weighted one (a weighted NLL's optimum is softmax ∝ w·p).
     t2i_code_weights: bool = False
+    # A training-only head that predicts, from each T2I state, which codes are still to come in each
+    # of r x r regions of the code grid (objectives.t2i_future; 0 = no head). Sampling never reads it.
+    t2i_future_regions: int = 0
 
     @classmethod
     def from_dict(cls, data: dict) -> MMConfig:
@@ -164,6 +167,7 @@ class MMModel(nn.Module):
         self.t2i_head = Linear(c.width, c.codebook_size)
         if c.t2i_code_weights:
             self.register_buffer("t2i_log_weight", torch.zeros(c.codebook_size))  # (K,) log w
+        self.t2i_future_head = self._future_head(c.t2i_future_regions) if c.t2i_future_regions else None
         self.vqa_pool = Pool(c.vqa_pool, c.width, c.heads) if c.vqa_answers else None
         self.vqa_reader = self._vqa_reader() if c.vqa_answers else None
         self.vqa_head = self._vqa_head(c.vqa_answers) if c.vqa_answers else None
@@ -346,18 +350,39 @@ class MMModel(nn.Module):
             c.t2i_code_weights = True
         self.t2i_log_weight.copy_(weights.log())
 
-    def _code_logits(self, h: Tensor) -> Tensor:
+    def _future_head(self, regions: int) -> nn.Module:
+        grid = self.config.code_grid
+        if not 1 <= regions <= min(grid):
+            raise MMError(f"T2I future regions must be in [1, {min(grid)}] for a {grid[0]}x{grid[1]} code grid, "
+                          f"got {regions}")
+        return Linear(self.config.width, regions * regions * self.config.codebook_size)
+
+    def set_t2i_future(self, regions: int) -> None:
+        """Add the future-codes head (``t2i_future_regions``) before training; a no-op if it exists."""
+        c = self.config
+        if c.t2i_future_regions == regions:
+            return
+        if c.t2i_future_regions:
+            raise MMError(f"the model was trained with t2i future regions {c.t2i_future_regions}, not {regions}")
+        head = self._future_head(regions).to(self.t2i_head.weight.device)
+        self._init_weights(head)
+        self.t2i_future_head, c.t2i_future_regions = head, regions
+
+    def code_logits(self, h: Tensor) -> Tensor:
         logits = self.t2i_head(h)  # (..., K)
         return logits - self.t2i_log_weight.to(logits.dtype) if self.config.t2i_code_weights else logits
 
     def t2i_logits(self, codes: Tensor, text_states: Tensor | None, text_mask: Tensor | None) -> Tensor:
         """codes (B, h, w) -> (B, h*w, K); row n is conditioned on the text and codes 0..n-1 (raster order)."""
+        return self.code_logits(self.t2i_states(codes, text_states, text_mask))
+
+    def t2i_states(self, codes: Tensor, text_states: Tensor | None, text_mask: Tensor | None) -> Tensor:
+        """codes (B, h, w) -> (B, h*w, D): the backbone states that predict each code (teacher forcing)."""
         ids = self.code_embed.inputs(codes)  # (B, N): start + codes[:-1]
         x, rope, qpos = self.code_embed(ids, torch.arange(ids.shape[1], device=ids.device))
         if text_states is None:
             text_states, text_mask = self.null_context(ids.shape[0])
-        h = self.backbone(x, rope, text_states, text_mask, causal=True, query_pos=qpos)  # (B, N, D)
-        return self._code_logits(h)  # (B, N, K)
+        return self.backbone(x, rope, text_states, text_mask, causal=True, query_pos=qpos)  # (B, N, D)
 
     def t2i_prefill(self, text_states: Tensor | None, text_mask: Tensor | None, batch: int | None = None,
                     cache: str = "static") -> tuple[Tensor, DecodeState]:
@@ -373,7 +398,7 @@ class MMModel(nn.Module):
         start = torch.full((b, 1), self.code_embed.start_id, dtype=torch.long, device=dev)
         x, rope, qpos = self.code_embed(start, torch.arange(1, device=dev))
         h = self.backbone(x, rope, text_states, text_mask, causal=True, caches=caches, query_pos=qpos)
-        return self._code_logits(h[:, -1]), DecodeState(caches, text_mask)
+        return self.code_logits(h[:, -1]), DecodeState(caches, text_mask)
 
     def t2i_step(self, codes: Tensor, state: DecodeState) -> Tensor:
         """codes (B,) just sampled -> (B, K) logits for the next code (cross-attention K/V are cached)."""
@@ -381,7 +406,7 @@ class MMModel(nn.Module):
         pos = state.caches[0].self_attn.next_position() + torch.arange(1, device=ids.device)  # (1,)
         x, rope, qpos = self.code_embed(ids, pos)
         h = self.backbone(x, rope, None, state.context_mask, causal=True, caches=state.caches, query_pos=qpos)
-        return self._code_logits(h[:, -1])
+        return self.code_logits(h[:, -1])
 
     def t2i_extend(self, codes: Tensor, state: DecodeState) -> Tensor:
         """codes (B, t) fed after the cached ones -> (B, t, K); row j predicts the code after codes[:, j].
@@ -392,7 +417,7 @@ class MMModel(nn.Module):
         x, rope, qpos = self.code_embed(codes, pos)
         h = self.backbone(x, rope, None, state.context_mask, causal=True, caches=state.caches,
                           query_pos=qpos)  # (B, t, D)
-        return self._code_logits(h)
+        return self.code_logits(h)
 
     @staticmethod
     def t2i_truncate(state: DecodeState, length: int) -> None:

@@ -6,7 +6,9 @@
                    image and one hard negative image per text, sampled ∝ softmax(ITC similarity)
     caption_loss   TextDecoder next-token cross-entropy over the caption, padding ignored
     t2i_loss       next-code cross-entropy over the VQ grid in raster order; each sample's text is
-                   replaced by the null context with probability p (classifier-free guidance)
+                   replaced by the null context with probability p (classifier-free guidance);
+                   optionally (objectives.t2i_future) a binary cross-entropy of which codes are
+                   still to come in each region of the grid, from the same states
 
 Distributed: when torch.distributed is initialised, ITC gathers the embeddings of every rank with
 an autograd all-gather (``gather_with_grad``: its backward sends each rank the gradient of its
@@ -23,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+
+from mm.errors import MMError
 
 # ---------------------------------------------------------------------------------------------
 # Collectives
@@ -247,16 +251,19 @@ def object_weights(metas: list, grid: tuple[int, int], image_size: int, weight: 
     return out.flatten(1)  # (B, N)
 
 
-def t2i_loss(model, codes: Tensor, text_states: Tensor | None, text_mask: Tensor | None
-             ) -> tuple[Tensor, dict[str, float], Tensor]:
+def t2i_loss(model, codes: Tensor, text_states: Tensor | None, text_mask: Tensor | None,
+             future: bool = False, future_positions: int = 0) -> tuple[Tensor, dict[str, float], Tensor]:
     """Cross-entropy of every code given the text and the codes before it in raster order.
 
     codes (B, h, w) long. A model with T2I code weights w (``set_t2i_code_weights``) is trained
     with the w-weighted cross-entropy of its head's raw logits (sum w_y·CE / sum w_y), whose
     optimum is softmax ∝ w·p; the logits it returns subtract log w, so sampling sees p again.
-    Returns (loss, {"t2i_acc"}, per-position correct (B, N) bool).
+    ``future`` (a model with a future head, ``set_t2i_future``): also the future-codes loss
+    (``t2i_future_loss``), returned as the tensor ``metrics["t2i_future"]``.
+    Returns (loss, metrics, per-position correct (B, N) bool).
     """
-    logits = model.t2i_logits(codes, text_states, text_mask).float()  # (B, N, K), calibrated
+    states = model.t2i_states(codes, text_states, text_mask)  # (B, N, D)
+    logits = model.code_logits(states).float()  # (B, N, K), calibrated
     targets = codes.flatten(1)  # (B, N)
     if not getattr(model.config, "t2i_code_weights", False):
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -266,4 +273,40 @@ def t2i_loss(model, codes: Tensor, text_states: Tensor | None, text_mask: Tensor
         w = log_w.exp()[targets]  # (B, N)
         loss = (ce * w).sum() / w.sum()
     correct = logits.argmax(-1) == targets
-    return loss, {"t2i_acc": float(correct.float().mean())}, correct
+    metrics = {"t2i_acc": float(correct.float().mean())}
+    if future:
+        metrics["t2i_future"] = t2i_future_loss(model, states, codes, future_positions)
+    return loss, metrics, correct
+
+
+def future_code_targets(codes: Tensor, positions: Tensor, regions: int, num_codes: int) -> Tensor:
+    """Which codes are still to come, per region: (B, P, r*r, K) in {0, 1}.
+
+    codes (B, h, w); positions (P,) raster indices. Entry [b, p, j, k] is 1 when code k occurs in
+    image b at a raster position >= positions[p] inside region j (the grid cut into r x r near-equal
+    blocks, numbered row by row). With r = 1: the bag of codes from position p to the end.
+    """
+    _, h, w = codes.shape
+    n = torch.arange(h * w, device=codes.device)
+    region = F.one_hot((n // w * regions // h) * regions + n % w * regions // w, regions * regions)  # (N, R)
+    later = n[None, :] >= positions[:, None]  # (P, N)
+    onehot = F.one_hot(codes.flatten(1), num_codes)  # (B, N, K)
+    return torch.einsum("pn,nr,bnk->bprk", later.float(), region.float(), onehot.float()).clamp(max=1)
+
+
+def t2i_future_loss(model, states: Tensor, codes: Tensor, positions: int = 0) -> Tensor:
+    """Mean binary cross-entropy of the future head (``model.t2i_future_head``), states (B, N, D):
+    at every raster position, or at ``positions`` > 0 of them drawn without replacement (torch's
+    global RNG; cheaper when the head is large, regions x regions x K outputs).
+
+    Why: a next-code loss rewards knowing what is left to draw (nothing drawn yet, so the object
+    must come; one drawn, so no other) by ~1 nat per image out of ~150, and where it goes by
+    log 9; this target asks every state for it directly (BENCHMARKS.md, session 17)."""
+    c = model.config
+    if model.t2i_future_head is None:
+        raise MMError("the future-codes loss needs the model's future head; call model.set_t2i_future(regions)")
+    n = states.shape[1]
+    pos = torch.randperm(n, device=states.device)[:positions] if positions else torch.arange(n, device=states.device)
+    target = future_code_targets(codes, pos, c.t2i_future_regions, c.codebook_size)  # (B, P, R, K)
+    logits = model.t2i_future_head(states[:, pos]).float()  # (B, P, R*K)
+    return F.binary_cross_entropy_with_logits(logits, target.flatten(2))

@@ -86,6 +86,9 @@ class PretrainTask:
         weight = cfg.objectives.t2i_object_weight
         if weight != 1.0 and "t2i" in self.active:
             self.model.set_t2i_code_weights(self.code_weights(weight))
+        self.future = cfg.objectives.t2i_future if "t2i" in self.active else 0.0
+        if self.future:
+            self.model.set_t2i_future(cfg.objectives.t2i_future_regions)
         if cfg.train.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         if cfg.train.compile:
@@ -197,9 +200,13 @@ class PretrainTask:
             losses["caption"], _ = obj.caption_loss(m, image_states, ids, mask)
         if "t2i" in todo:
             states, cmask, _ = obj.cfg_drop(m, prompt_states, prompt_mask, self.cfg.objectives.cfg_dropout)
-            losses["t2i"], mt, _ = obj.t2i_loss(m, self.codes(batch), states, cmask)
+            losses["t2i"], mt, _ = obj.t2i_loss(m, self.codes(batch), states, cmask, self.future > 0,
+                                                self.cfg.objectives.t2i_future_positions)
+            if self.future:
+                losses["t2i_future"] = mt.pop("t2i_future")
             metrics.update(mt)
-        total = sum(self.weights[n] * losses[n] for n in losses)
+        weights = {**self.weights, "t2i_future": self.future}
+        total = sum(weights[n] * losses[n] for n in losses)
         metrics.update({f"loss_{n}": float(v.detach()) for n, v in losses.items()})
         return total, metrics
 

@@ -179,6 +179,25 @@ def test_eval_t2i_command(bundle_dir, tmp_path, capsys):  # noqa: F811
     assert 0.0 <= m["t2i_ceiling"] <= 1.0 and m["t2i_ceiling"] == m["ceiling"]["overall"]
     assert m["ceiling"]["images"] == 12 and m["ceiling"]["image_size"] == 16
     assert "t2i_ceiling" in capsys.readouterr().err
+    assert (m["top_k"], m["temperature"]) == (0, 1.0)
+
+
+def test_eval_t2i_sampling_settings_reach_the_sampler(bundle_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from mm.generation.pipeline import TextToImagePipeline
+
+    seen = []
+    original = TextToImagePipeline.generate_codes
+
+    def spy(self, prompts, **kw):
+        seen.append((kw["top_k"], kw["temperature"]))
+        return original(self, prompts, **kw)
+
+    monkeypatch.setattr(TextToImagePipeline, "generate_codes", spy)
+    code = main(["eval", "t2i", "--model", str(bundle_dir), "--num-prompts", "4", "--top-k", "3",
+                 "--temperature", "0.7", "--out", str(tmp_path / "m.json")])
+    assert code == 0, capsys.readouterr().err
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert seen == [(3, 0.7)] and (m["top_k"], m["temperature"]) == (3, 0.7)
 
 
 def test_eval_t2i_with_shard_references(bundle_dir, shapes_shards, tmp_path, capsys):  # noqa: F811
@@ -190,6 +209,8 @@ def test_eval_t2i_with_shard_references(bundle_dir, shapes_shards, tmp_path, cap
 
 @pytest.mark.parametrize("extra,msg", [(["--num-prompts", "0"], "--num-prompts"),
                                        (["--guidance", "-2"], "--guidance"),
+                                       (["--top-k", "-1"], "--top-k"),
+                                       (["--temperature", "0"], "--temperature"),
                                        (["--inception", "/nonexistent/inc.pt"], "Inception")])
 def test_eval_t2i_bad_input(bundle_dir, capsys, extra, msg):  # noqa: F811
     code = main(["eval", "t2i", "--model", str(bundle_dir), *extra])

@@ -183,8 +183,14 @@ class FreeLogits(torch.nn.Module):
         self.z = torch.nn.Parameter(torch.zeros(k))
         self.register_buffer("t2i_log_weight", weights.log())
 
+    def t2i_states(self, codes, states, mask):
+        return codes.new_zeros(codes.shape[0], codes[0].numel(), 1, dtype=torch.float)  # (B, N, 1)
+
+    def code_logits(self, h):
+        return h + self.z - self.t2i_log_weight  # (B, N, K)
+
     def t2i_logits(self, codes, states, mask):
-        return (self.z - self.t2i_log_weight).expand(codes.shape[0], codes[0].numel(), -1)
+        return self.code_logits(self.t2i_states(codes, states, mask))
 
 
 def test_code_weighted_t2i_loss_trains_the_weighted_optimum_and_returns_calibrated_logits():
@@ -238,3 +244,84 @@ def test_t2i_code_weights_are_computed_from_object_boxes_saved_and_used_by_sampl
     # a model without code weights has no buffer and plain logits
     plain = PretrainTask(tiny_config(tmp_path)).model
     assert not plain.config.t2i_code_weights and not hasattr(plain, "t2i_log_weight")
+
+
+def naive_future_targets(codes, positions, regions, k):
+    """Explicit loops: code k is to come in region j after position p."""
+    b, h, w = codes.shape
+    out = torch.zeros(b, len(positions), regions * regions, k)
+    for i in range(b):
+        for pi, p in enumerate(positions.tolist()):
+            for n in range(p, h * w):
+                r, c = divmod(n, w)
+                j = (r * regions // h) * regions + c * regions // w
+                out[i, pi, j, int(codes[i, r, c])] = 1.0
+    return out
+
+
+@pytest.mark.parametrize("grid,regions", [((4, 4), 1), ((6, 6), 3), ((5, 7), 3), ((4, 6), 2)])
+def test_future_code_targets_equal_explicit_loops(grid, regions):
+    g = torch.Generator().manual_seed(regions)
+    codes = torch.randint(0, 9, (3, *grid), generator=g)
+    positions = torch.randperm(grid[0] * grid[1], generator=g)[:7]
+    got = obj.future_code_targets(codes, positions, regions, 9)
+    assert torch.equal(got, naive_future_targets(codes, positions, regions, 9))
+    # position 0 with one region is the bag of the whole image; the last position holds one code
+    whole = obj.future_code_targets(codes, torch.tensor([0, grid[0] * grid[1] - 1]), 1, 9)
+    assert torch.equal(whole[:, 0, 0], F.one_hot(codes.flatten(1), 9).amax(1).float())
+    assert whole[:, 1, 0].sum(-1).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_t2i_future_loss_trains_its_head_and_leaves_sampling_logits_alone(tmp_path):
+    from mm.errors import MMError
+
+    torch.manual_seed(0)
+    task = PretrainTask(tiny_config(tmp_path, itc=0.0, itm=0.0, caption=0.0, cfg_dropout=0.0, t2i_future=1.0,
+                                    t2i_future_regions=2, t2i_future_positions=4))
+    m = task.model
+    assert m.config.t2i_future_regions == 2 and m.t2i_future_head.out_features == 4 * m.config.codebook_size
+    batch = make_batch(task.tokenizer, 4)
+    codes = task.vq(torch.device("cpu")).encode(batch["image"])
+    batch = {**batch, "codes": codes}
+    _, metrics = task.loss(batch, 0)
+    assert {"loss_t2i", "loss_t2i_future"} <= set(metrics)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(40):
+        loss, metrics = task.loss(batch, 0)
+        first = first if first is not None else metrics["loss_t2i_future"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert metrics["loss_t2i_future"] < 0.5 * first
+    # the head is training-only: the logits sampling reads do not depend on it
+    states, mask = m.encode_prompt(batch["input_ids"], batch["attention_mask"].bool())
+    before = m.t2i_logits(codes, states, mask)
+    torch.nn.init.normal_(m.t2i_future_head.weight)
+    assert torch.equal(before, m.t2i_logits(codes, states, mask))
+    m.save_pretrained(tmp_path / "export")  # config.json carries the head, so a strict load finds it
+    back = type(m).from_pretrained(tmp_path / "export")
+    assert torch.equal(back.t2i_future_head.weight, m.t2i_future_head.weight)
+    with pytest.raises(MMError, match="trained with t2i future regions 2"):
+        back.set_t2i_future(3)
+    with pytest.raises(MMError, match="regions must be in"):
+        PretrainTask(tiny_config(tmp_path, itc=0.0, itm=0.0, caption=0.0, t2i_future=1.0, t2i_future_regions=99))
+
+
+def test_t2i_future_loss_at_every_position_is_the_mean_over_positions_and_draws_no_random_numbers(tmp_path):
+    from mm.errors import MMError
+
+    task = PretrainTask(tiny_config(tmp_path, itc=0.0, itm=0.0, caption=0.0, t2i_future=1.0))
+    m = task.model
+    codes = torch.randint(0, m.config.codebook_size, (2, *m.config.code_grid))
+    states = m.t2i_states(codes, None, None)  # (B, N, D)
+    state = torch.get_rng_state()
+    loss = obj.t2i_future_loss(m, states, codes)
+    assert torch.equal(state, torch.get_rng_state())  # all positions: the RNG stream is untouched
+    n = states.shape[1]
+    logits = m.t2i_future_head(states).float()  # (B, N, K): one region
+    target = obj.future_code_targets(codes, torch.arange(n), 1, m.config.codebook_size).flatten(2)
+    assert loss.item() == pytest.approx(F.binary_cross_entropy_with_logits(logits, target).item(), rel=1e-6)
+    m.t2i_future_head = None
+    with pytest.raises(MMError, match="needs the model's future head"):
+        obj.t2i_future_loss(m, states, codes)
