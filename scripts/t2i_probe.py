@@ -2,6 +2,10 @@
 on held-out shapes images (val or test split), printed as JSON. Usage:
 
     python scripts/t2i_probe.py --model RUN/final --data DATA_ROOT [--max-images 500] [--out probe.json]
+        [--bookkeeping 8]
+
+--bookkeeping S adds mm.eval.t2i_probe.bookkeeping with S sampled continuations per image: does the
+model know what it has drawn (P(no object) after empty rows, P(a second object) after the first)?
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mm.eval.t2i_probe import probe
+from mm.eval.t2i_probe import bookkeeping, probe
 
 
 def main(argv=None) -> int:
@@ -21,9 +25,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-images", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default="")
+    p.add_argument("--bookkeeping", type=int, default=0, help="sampled continuations per image (0 = skip)")
     args = p.parse_args(argv)
+    if args.bookkeeping < 0:
+        p.error(f"--bookkeeping must be >= 0, got {args.bookkeeping}")
     model, tokenizer, vq, device, loader = _eval_setup(args)
     result = probe(model, tokenizer, vq, loader, args.max_images, device)
+    if args.bookkeeping:
+        _, _, _, _, loader = _eval_setup(args)  # a fresh ordered pass over the same images
+        result["bookkeeping"] = bookkeeping(model, tokenizer, vq, loader, args.max_images, device, args.bookkeeping)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -12,6 +12,11 @@ likelihood (teacher forcing, the model's calibrated code logits):
 High probe accuracy with a low compositional score says the model has learned what a word means
 but sampling does not realise it (exposure, guidance, temperature); a probe at chance says the
 model has not learned the word. Used by ``scripts/t2i_probe.py`` and ``mm eval curves``.
+
+``bookkeeping`` (sampling, not likelihood) asks whether the model knows what it has drawn: the
+code rows above a one-object image's object (all background) are forced and the rest sampled —
+how often is nothing drawn? — and the rows holding the object are forced — how often is a
+second one drawn? The truth is 0 % for both (BENCHMARKS.md, session 17).
 """
 
 from __future__ import annotations
@@ -85,3 +90,80 @@ def probe(model, tokenizer, vq, loader, max_images: int, device) -> dict:
         if seen >= max_images:
             break
     return summary(hits, totals)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bookkeeping: does the model know what it has already drawn?
+
+
+def forced_rows(meta: dict, grid: tuple[int, int], image_size: int) -> dict[str, int]:
+    """For a one-object shapes image: {"missing": r} when the object lies in the bottom third of the
+    code rows (rows 0..r-1 hold no part of it), {"extra": r} when it lies in the top half (rows
+    0..r-1 hold all of it). Empty for other images."""
+    from mm.tasks.objectives import object_weights
+
+    if not is_shapes_meta(meta) or len(meta["objects"]) != 1:
+        return {}
+    touched = object_weights([meta], grid, image_size, 2.0)[0].view(grid).amax(1) > 1  # (h,) rows it touches
+    rows = touched.nonzero().flatten().tolist()
+    h = grid[0]
+    if rows and rows[0] >= 2 * h // 3:
+        return {"missing": rows[0]}
+    if rows and rows[-1] < h // 2:
+        return {"extra": rows[-1] + 1}
+    return {}
+
+
+@torch.no_grad()
+def continue_codes(model, codes: torch.Tensor, states, mask, rows: int, generator=None) -> torch.Tensor:
+    """codes (B, h, w): keep the first ``rows`` code rows, sample the rest from the model (no
+    guidance, temperature 1) given the text states; returns (B, h, w)."""
+    b, h, w = codes.shape
+    flat, keep = codes.flatten(1).clone(), rows * w
+    logits, state = model.t2i_prefill(states, mask)
+    for i in range(h * w):
+        if i >= keep:
+            probs = logits.float().softmax(-1)
+            flat[:, i] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        if i + 1 < h * w:
+            logits = model.t2i_step(flat[:, i], state)
+    return flat.view(b, h, w)
+
+
+def object_counts(vq, codes: torch.Tensor) -> list[int]:
+    """Objects the shapes detector finds in each decoded image of codes (B, h, w)."""
+    from mm.data.detector import detect
+
+    images = vq.decode(codes).float().clamp(-1, 1)  # (B, 3, H, W) in [-1, 1]
+    pixels = ((images + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    return [len(detect(p)) for p in pixels]
+
+
+@torch.no_grad()
+def bookkeeping(model, tokenizer, vq, loader, max_images: int, device, samples: int = 8, seed: int = 0) -> dict:
+    """missing: P(no object) after the empty rows above a bottom-third object are forced; extra:
+    P(more than one object) after the rows holding a top-half object are forced. Prompt "a
+    {colour} {shape}", ``samples`` continuations per image; the truth is 0 % for both."""
+    grid, size = tuple(model.config.code_grid), model.config.image_size
+    gen = torch.Generator(device=device).manual_seed(seed)
+    counts, seen = {"missing": [], "extra": []}, 0
+    for batch in loader:
+        n = min(len(batch["meta"]), max_images - seen)
+        codes = vq.encode(batch["image"][:n].to(device))  # (n, h, w)
+        for i, meta in enumerate(batch["meta"][:n]):
+            for kind, rows in forced_rows(meta, grid, size).items():
+                o = meta["objects"][0]
+                ids, mask = tokenizer.encode([noun_phrase(o["color"], o["shape"], 1)] * samples,
+                                             model.config.text_max_len)
+                states, smask = model.encode_prompt(ids.to(device), mask.to(device))
+                out = continue_codes(model, codes[i:i + 1].expand(samples, -1, -1), states, smask, rows, gen)
+                counts[kind] += object_counts(vq, out)
+        seen += n
+        if seen >= max_images:
+            break
+    out = {}
+    for kind, bad in (("missing", lambda c: c == 0), ("extra", lambda c: c > 1)):
+        c = counts[kind]
+        out[kind] = {"wrong": round(100 * sum(map(bad, c)) / max(len(c), 1), 1), "one": round(
+            100 * sum(x == 1 for x in c) / max(len(c), 1), 1), "samples": len(c)}
+    return out

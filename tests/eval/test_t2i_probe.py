@@ -94,3 +94,39 @@ def test_probe_is_zero_without_text_and_full_after_learning_the_cells(cell_data)
     hits, totals = Counter(), Counter()  # metadata that is not shapes' (an ingested folder): skipped
     probe.probe_images(model, tok, codes, [{"label": "cat"}, {}, None, {"objects": "x"}], hits, totals)
     assert not totals
+
+
+def test_forced_rows_pick_bottom_third_and_top_half_objects():
+    def meta(*boxes):
+        return {"objects": [{**obj("red", "circle", "center"), "bbox": list(b)} for b in boxes], "image_size": 48}
+
+    grid = (12, 12)  # 4 px per code row at 48 px
+    assert probe.forced_rows(meta((0, 33, 15, 47)), grid, 48) == {"missing": 8}  # rows 8..11: 0..7 are empty
+    assert probe.forced_rows(meta((16, 0, 31, 15)), grid, 48) == {"extra": 4}  # rows 0..3 hold all of it
+    assert probe.forced_rows(meta((16, 16, 31, 31)), grid, 48) == {}  # the middle: neither
+    assert probe.forced_rows(meta((0, 33, 15, 47), (16, 0, 31, 15)), grid, 48) == {}  # two objects
+    assert probe.forced_rows({"label": "cat"}, grid, 48) == {}
+
+
+def test_continue_codes_keeps_the_prefix_and_samples_the_rest_from_the_model(cell_data):
+    codes, _, prompts, tok, vq = cell_data
+    model = tiny_model(tok, vq).eval()
+    ids, mask = tok.encode(prompts[:2], max_len=24)
+    states, smask = model.encode_prompt(ids, mask)
+    assert torch.equal(probe.continue_codes(model, codes[:2], states, smask, 12), codes[:2])  # all forced
+    with torch.no_grad():
+        model.t2i_head.bias.fill_(-50.0)
+        model.t2i_head.bias[5] = 50.0  # the model is sure of code 5 everywhere
+    out = probe.continue_codes(model, codes[:2], states, smask, 7, torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, :7], codes[:2, :7]) and bool((out[:, 7:] == 5).all())
+
+
+def test_object_counts_read_the_vq_decodes(cell_data):
+    codes, _, _, _, vq = cell_data
+    assert probe.object_counts(vq, codes) == [1] * 9  # one red circle per render
+    with torch.no_grad():
+        blank = vq.encode(torch.zeros(1, 3, 48, 48))  # a plain grey image
+    assert probe.object_counts(vq, blank) == [0]
+    two = codes[:1].clone()
+    two[:, 8:] = codes[8:9, 8:]  # the bottom-right render's lower rows pasted under the top-left one
+    assert probe.object_counts(vq, two) == [2]
