@@ -21,6 +21,7 @@ second one drawn? The truth is 0 % for both (BENCHMARKS.md, session 17).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import torch
@@ -100,13 +101,13 @@ def forced_rows(meta: dict, grid: tuple[int, int], image_size: int) -> dict[str,
     """For a one-object shapes image: {"missing": r} when the object lies in the bottom third of the
     code rows (rows 0..r-1 hold no part of it), {"extra": r} when it lies in the top half (rows
     0..r-1 hold all of it). Empty for other images."""
-    from mm.tasks.objectives import object_weights
-
     if not is_shapes_meta(meta) or len(meta["objects"]) != 1:
         return {}
-    touched = object_weights([meta], grid, image_size, 2.0)[0].view(grid).amax(1) > 1  # (h,) rows it touches
-    rows = touched.nonzero().flatten().tolist()
+    side = float(meta.get("image_size") or image_size)  # shapes images are square; boxes in their pixels
     h = grid[0]
+    _, y0, _, y1 = meta["objects"][0]["bbox"]
+    # code rows the box touches (y1 exclusive); the epsilon absorbs float rounding
+    rows = list(range(max(math.floor(y0 / side * h + 1e-6), 0), min(math.ceil(y1 / side * h - 1e-6), h)))
     if rows and rows[0] >= 2 * h // 3:
         return {"missing": rows[0]}
     if rows and rows[-1] < h // 2:

@@ -106,6 +106,8 @@ def test_forced_rows_pick_bottom_third_and_top_half_objects():
     assert probe.forced_rows(meta((16, 16, 31, 31)), grid, 48) == {}  # the middle: neither
     assert probe.forced_rows(meta((0, 33, 15, 47), (16, 0, 31, 15)), grid, 48) == {}  # two objects
     assert probe.forced_rows({"label": "cat"}, grid, 48) == {}
+    big = {"objects": [{**obj("red", "circle", "center"), "bbox": [0, 66, 30, 94]}], "image_size": 96}
+    assert probe.forced_rows(big, grid, 48) == {"missing": 8}  # boxes in the stored 96-px image's pixels
 
 
 def test_continue_codes_keeps_the_prefix_and_samples_the_rest_from_the_model(cell_data):
