@@ -17,7 +17,7 @@ from mm.eval.t2i_probe import bookkeeping, probe
 
 
 def main(argv=None) -> int:
-    from mm.tasks.pretrain import _eval_setup
+    from mm.tasks.pretrain import _eval_setup, _take
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="an exported pretraining folder (RUN/final)")
@@ -30,10 +30,10 @@ def main(argv=None) -> int:
     if args.bookkeeping < 0:
         p.error(f"--bookkeeping must be >= 0, got {args.bookkeeping}")
     model, tokenizer, vq, device, loader = _eval_setup(args)
-    result = probe(model, tokenizer, vq, loader, args.max_images, device)
+    batches = list(_take(loader, args.max_images, device))  # read once: both probes see the same images
+    result = probe(model, tokenizer, vq, batches, args.max_images, device)
     if args.bookkeeping:
-        _, _, _, _, loader = _eval_setup(args)  # a fresh ordered pass over the same images
-        result["bookkeeping"] = bookkeeping(model, tokenizer, vq, loader, args.max_images, device, args.bookkeeping)
+        result["bookkeeping"] = bookkeeping(model, tokenizer, vq, batches, args.max_images, device, args.bookkeeping)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

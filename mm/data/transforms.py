@@ -115,6 +115,19 @@ def crop_box(width: int, height: int, augment: bool, seed: int) -> tuple[float, 
     return x0, y0, x0 + w, y0 + h
 
 
+def box_grid_span(bbox, frame: tuple[float, float], grid: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(r0, r1, c0, c1): the rows r0..r1-1 and columns c0..c1-1 of an h x w grid laid on the model's
+    image that a box (x0, y0, x1, y1; x1/y1 exclusive, in the pixels of the stored ``frame``
+    (width, height)) touches, through the centred square crop the model sees."""
+    cx0, cy0, cx1, _ = crop_box(round(frame[0]), round(frame[1]), False, 0)
+    side, (h, w) = cx1 - cx0, grid
+    x0, y0, x1, y1 = ((v - c) / side for v, c in zip(bbox, (cx0, cy0, cx0, cy0)))  # [0, 1]
+    # the epsilon absorbs float rounding at cell edges
+    r0, r1 = max(math.floor(y0 * h + 1e-6), 0), min(math.ceil(y1 * h - 1e-6), h)
+    c0, c1 = max(math.floor(x0 * w + 1e-6), 0), min(math.ceil(x1 * w - 1e-6), w)
+    return r0, r1, c0, c1
+
+
 def load_image(data: bytes, size: int, augment: bool = False, seed: int = 0) -> np.ndarray:
     """Decode image bytes to a (size, size, 3) uint8 RGB array (crop, then resize)."""
     with Image.open(io.BytesIO(data)) as im:

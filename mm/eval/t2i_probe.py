@@ -21,7 +21,6 @@ second one drawn? The truth is 0 % for both (BENCHMARKS.md, session 17).
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import torch
@@ -29,6 +28,7 @@ import torch
 from mm.data.shapes import CELLS, COLORS, SHAPES
 from mm.data.shapes_text import noun_phrase
 from mm.data.shapes_truth import is_shapes_meta
+from mm.data.transforms import box_grid_span
 
 CHANCE = {"colour": 16.7, "shape": 25.0, "cell": 11.1, "count": 25.0}  # percent
 
@@ -104,14 +104,12 @@ def forced_rows(meta: dict, grid: tuple[int, int], image_size: int) -> dict[str,
     if not is_shapes_meta(meta) or len(meta["objects"]) != 1:
         return {}
     side = float(meta.get("image_size") or image_size)  # shapes images are square; boxes in their pixels
+    r0, r1, _, _ = box_grid_span(meta["objects"][0]["bbox"], (side, side), grid)  # rows r0..r1-1
     h = grid[0]
-    _, y0, _, y1 = meta["objects"][0]["bbox"]
-    # code rows the box touches (y1 exclusive); the epsilon absorbs float rounding
-    rows = list(range(max(math.floor(y0 / side * h + 1e-6), 0), min(math.ceil(y1 / side * h - 1e-6), h)))
-    if rows and rows[0] >= 2 * h // 3:
-        return {"missing": rows[0]}
-    if rows and rows[-1] < h // 2:
-        return {"extra": rows[-1] + 1}
+    if r1 > r0 >= 2 * h // 3:
+        return {"missing": r0}
+    if r0 < r1 <= h // 2:
+        return {"extra": r1}
     return {}
 
 

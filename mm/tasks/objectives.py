@@ -19,8 +19,6 @@ Randomness (hard negatives, CFG dropout) uses torch's global RNG, which the trai
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -231,22 +229,16 @@ def object_weights(metas: list, grid: tuple[int, int], image_size: int, weight: 
     through the centred square crop the model sees), 1 elsewhere. Returns None when ``weight`` is
     1 or a sample has no ``objects`` (other data).
     """
-    from mm.data.transforms import crop_box
+    from mm.data.transforms import box_grid_span
     from mm.tasks.detect import frame_size
 
     if weight == 1.0 or not metas or any(not isinstance(m, dict) or "objects" not in m for m in metas):
         return None
-    h, w = grid
-    out = torch.ones(len(metas), h, w)
+    out = torch.ones(len(metas), *grid)
     for i, meta in enumerate(metas):
-        fw, fh = frame_size(meta) or (image_size, image_size)  # boxes are in the stored image's pixels
-        cx0, cy0, cx1, _ = crop_box(round(fw), round(fh), False, 0)  # the centred square the model sees
-        side = cx1 - cx0
+        frame = frame_size(meta) or (image_size, image_size)  # boxes are in the stored image's pixels
         for o in meta["objects"]:
-            x0, y0, x1, y1 = ((v - c) / side for v, c in zip(o["bbox"], (cx0, cy0, cx0, cy0)))  # [0, 1]
-            # grid cells the box touches (x1/y1 are exclusive); the epsilon absorbs float rounding
-            r0, r1 = max(math.floor(y0 * h + 1e-6), 0), min(math.ceil(y1 * h - 1e-6), h)
-            c0, c1 = max(math.floor(x0 * w + 1e-6), 0), min(math.ceil(x1 * w - 1e-6), w)
+            r0, r1, c0, c1 = box_grid_span(o["bbox"], frame, grid)
             out[i, r0:r1, c0:c1] = weight
     return out.flatten(1)  # (B, N)
 
