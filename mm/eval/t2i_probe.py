@@ -29,6 +29,7 @@ from mm.data.shapes import CELLS, COLORS, SHAPES
 from mm.data.shapes_text import noun_phrase
 from mm.data.shapes_truth import is_shapes_meta
 from mm.data.transforms import box_grid_span
+from mm.errors import MMError
 
 CHANCE = {"colour": 16.7, "shape": 25.0, "cell": 11.1, "count": 25.0}  # percent
 
@@ -51,25 +52,37 @@ def prompt_variants(objects: list[dict]) -> dict[str, tuple[str, list[str]]]:
 
 
 @torch.no_grad()
-def code_log_likelihood(model, tokenizer, codes: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """log p(codes | prompt) for each prompt (P,), codes (h, w) of one image."""
+def code_log_likelihood(model, tokenizer, codes: torch.Tensor, prompts: list[str],
+                        plan: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(codes | prompt) for each prompt (P,), codes (h, w) of one image; for a model with a
+    T2I plan, log p(plan, codes | prompt) with the image's plan (t, t)."""
     ids, mask = tokenizer.encode(prompts, model.config.text_max_len)
     ids, mask = ids.to(codes.device), mask.to(codes.device)
     states, smask = model.encode_prompt(ids, mask)  # (P, L, D), (P, L)
     batch = codes.unsqueeze(0).expand(len(prompts), -1, -1)  # (P, h, w)
-    logp = model.t2i_logits(batch, states, smask).float().log_softmax(-1)  # (P, N, K)
-    return logp.gather(-1, batch.flatten(1).unsqueeze(-1)).squeeze(-1).sum(-1)  # (P,)
+    plans = None if plan is None else plan.unsqueeze(0).expand(len(prompts), -1, -1)  # (P, t, t)
+    hidden = model.t2i_states(batch, states, smask, plans)  # (P, T+N, D)
+    n_plan = hidden.shape[1] - batch[0].numel()
+    logp = model.code_logits(hidden[:, n_plan:]).float().log_softmax(-1)  # (P, N, K)
+    total = logp.gather(-1, batch.flatten(1).unsqueeze(-1)).squeeze(-1).sum(-1)  # (P,)
+    if n_plan:
+        plan_logp = model.plan_logits(hidden[:, :n_plan]).float().log_softmax(-1)  # (P, T, V)
+        total = total + plan_logp.gather(-1, plans.flatten(1).unsqueeze(-1)).squeeze(-1).sum(-1)
+    return total
 
 
-def probe_images(model, tokenizer, codes: torch.Tensor, metas: list[dict], hits: Counter, totals: Counter) -> None:
-    """Add one image batch, codes (B, h, w) with their json metadata, to ``hits`` and ``totals``.
+def probe_images(model, tokenizer, codes: torch.Tensor, metas: list[dict], hits: Counter, totals: Counter,
+                 plans: torch.Tensor | None = None) -> None:
+    """Add one image batch, codes (B, h, w) with their json metadata (and, for a model with a T2I plan,
+    the images' plans (B, t, t)), to ``hits`` and ``totals``.
     A hit needs the true prompt strictly above every alternative: a model that ignores the text
     (all likelihoods equal) scores 0, not 100 %."""
     for i, meta in enumerate(metas):
         if not is_shapes_meta(meta):  # other data sets (an ingested folder) have nothing to probe
             continue
         for attr, (true, others) in prompt_variants(meta["objects"]).items():
-            ll = code_log_likelihood(model, tokenizer, codes[i], [true, *others])
+            ll = code_log_likelihood(model, tokenizer, codes[i], [true, *others],
+                                     None if plans is None else plans[i])
             hits[attr] += int(bool(ll[0] > ll[1:].max()))
             totals[attr] += 1
 
@@ -85,8 +98,9 @@ def probe(model, tokenizer, vq, loader, max_images: int, device) -> dict:
     hits, totals, seen = Counter(), Counter(), 0
     for batch in loader:
         n = min(len(batch["meta"]), max_images - seen)
-        codes = vq.encode(batch["image"][:n].to(device))  # (n, h, w)
-        probe_images(model, tokenizer, codes, batch["meta"][:n], hits, totals)
+        images = batch["image"][:n].to(device)
+        codes = vq.encode(images)  # (n, h, w)
+        probe_images(model, tokenizer, codes, batch["meta"][:n], hits, totals, model.t2i_plan_tokens(images))
         seen += n
         if seen >= max_images:
             break
@@ -117,6 +131,9 @@ def forced_rows(meta: dict, grid: tuple[int, int], image_size: int) -> dict[str,
 def continue_codes(model, codes: torch.Tensor, states, mask, rows: int, generator=None) -> torch.Tensor:
     """codes (B, h, w): keep the first ``rows`` code rows, sample the rest from the model (no
     guidance, temperature 1) given the text states; returns (B, h, w)."""
+    if model.code_embed.plan:
+        raise MMError("the bookkeeping probe forces code rows; a model with a T2I plan (model.t2i_plan) "
+                      "decides the objects in its plan first: probe a model without one")
     b, h, w = codes.shape
     flat, keep = codes.flatten(1).clone(), rows * w
     logits, state = model.t2i_prefill(states, mask)

@@ -239,11 +239,12 @@ def cfg_context(cond: tuple[Tensor, Tensor], uncond: tuple[Tensor, Tensor] | Non
 
 
 def decode_step(model, prev: Tensor, state, seeds: Tensor, position: Tensor, scale: Tensor,
-                params: SamplingParams, cfg: bool) -> Tensor:
-    """Feed the codes just chosen (B,), return the next ones (B,). Compile-friendly: no syncs."""
+                params: SamplingParams, cfg: bool, plan: bool = False) -> Tensor:
+    """Feed the ids just chosen (B,), return the next ones (B,): codes, or plan tokens with ``plan``
+    (as the model's plan head numbers them). Compile-friendly: no syncs."""
     if cfg:
         prev = torch.cat([prev, prev])  # both branches continue from the same code
-    logits = model.t2i_step(prev, state)  # (B' , K)
+    logits = model.t2i_step(prev, state, plan=True) if plan else model.t2i_step(prev, state)  # (B', K)
     if cfg:
         logits = guide(logits, scale)
     return choose(logits, seeds, position, params)
@@ -280,6 +281,9 @@ def sample_codes(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor, param
                  compile: bool | str = False, progress=None) -> Tensor:
     """Sample (B, h, w) VQ codes.
 
+    A model with a plan (``t2i_plan`` = t) first draws its t×t plan tokens, with the same guidance,
+    then the codes; only the codes are returned. Noise and guidance steps count the whole sequence.
+
     text: (states (B, Lt, D), mask (B, Lt)) from ``model.encode_prompt``, or None for unconditional
     samples; uncond: the negative prompt's (states, mask) for the unconditional branch (default:
     the null context); seeds (B,) int64, one per sample; progress: a callable called once per code;
@@ -289,25 +293,27 @@ def sample_codes(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor, param
     if compile and cache != "static":
         raise MMError("compiled sampling needs cache='static' (a growing cache changes shape every step)")
     h, w = model.config.code_grid
-    n_codes, batch = h * w, seeds.shape[0]
+    n_plan = model.code_embed.plan_len  # 0 without a plan
+    n_seq, batch = n_plan + h * w, seeds.shape[0]
     states, mask, cfg = branch_context(model, text, uncond, params, batch)  # (B or 2B, Lt, D)
-    scales = guidance_scales(params, n_codes, seeds.device)  # (N,)
-    positions = torch.arange(n_codes, device=seeds.device)  # (N,) tensors: no recompiles per step
+    scales = guidance_scales(params, n_seq, seeds.device)  # (P+N,)
+    positions = torch.arange(n_seq, device=seeds.device)  # (P+N,) tensors: no recompiles per step
     step = decode_step_fn(compile)
 
     # Every step calls each layer on the same B' rows: pack the weights once for that (mm.nn.linear).
     with packed_for_rows(model, states.shape[0]):
-        logits, state = model.t2i_prefill(states, mask, cache=cache)  # (B', K) for code 0
+        logits, state = model.t2i_prefill(states, mask, cache=cache)  # (B', K) for code 0 (or plan token 0)
         if cfg:
             logits = guide(logits, scales[0])
-        codes = [choose(logits, seeds, positions[0], params)]
-        if progress is not None:
+        chosen = [choose(logits, seeds, positions[0], params)]
+        if progress is not None and not n_plan:
             progress()
-        for n in range(1, n_codes):
-            codes.append(step(model, codes[-1], state, seeds, positions[n], scales[n], params, cfg))
-            if progress is not None:
+        for n in range(1, n_seq):
+            prev = chosen[-1] + model.code_embed.plan_offset if n <= n_plan else chosen[-1]  # plan ids are offset
+            chosen.append(step(model, prev, state, seeds, positions[n], scales[n], params, cfg, n < n_plan))
+            if progress is not None and n >= n_plan:
                 progress()
-    return torch.stack(codes, dim=1).view(batch, h, w)
+    return torch.stack(chosen[n_plan:], dim=1).view(batch, h, w)
 
 
 @torch.no_grad()
@@ -318,6 +324,8 @@ def sample_codes_uncached(model, text: tuple[Tensor, Tensor] | None, seeds: Tens
     Codes not yet chosen are zeros; causal attention means row n never sees them.
     """
     params.check()
+    if model.code_embed.plan:
+        raise MMError("the uncached reference sampler does not draw a T2I plan; use sample_codes")
     h, w = model.config.code_grid
     n_codes, batch = h * w, seeds.shape[0]
     states, mask, cfg = branch_context(model, text, uncond, params, batch)

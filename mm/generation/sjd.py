@@ -90,6 +90,8 @@ def sample_codes_sjd(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor, p
     params.check()
     if not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
         raise MMError(f"the SJD window must be an integer in [1, {MAX_WINDOW}], got {window}")
+    if model.code_embed.plan:
+        raise MMError("speculative Jacobi decoding does not draw a T2I plan (model.t2i_plan); sample without --sjd")
     h, w = model.config.code_grid
     n_codes, batch, k = h * w, seeds.shape[0], model.config.codebook_size
     dev = seeds.device

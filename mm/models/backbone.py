@@ -125,29 +125,78 @@ class PatchEmbed(nn.Module):
 
 
 class CodeEmbed(nn.Module):
-    """VQ code embeddings plus a learned start token (index K) for next-code prediction."""
+    """VQ code embeddings plus a learned start token (index K) for next-code prediction.
+
+    With a plan (``plan`` = t > 0) the sequence is t×t plan tokens, then the h×w codes: the plan is a
+    coarse colour thumbnail of the image (``plan_tokens``), ids K+1 … K+PLAN_VOCAB, and plan cell
+    (r, c) carries the grid position of the middle code of the block it covers, so RoPE and the
+    learned table place it where its codes will be.
+    """
 
     def __init__(self, codebook_size: int, grid: tuple[int, int], dim: int, heads: int, pos: str,
-                 cross_pos: bool = False):
+                 cross_pos: bool = False, plan: int = 0):
         super().__init__()
-        self.codebook_size, self.grid = codebook_size, tuple(grid)
+        self.codebook_size, self.grid, self.plan = codebook_size, tuple(grid), plan
         self.start_id = codebook_size
-        self.emb = nn.Embedding(codebook_size + 1, dim)
+        self.plan_offset = codebook_size + 1  # plan token v is fed as id K + 1 + v
+        self.emb = nn.Embedding(codebook_size + 1 + (PLAN_VOCAB if plan else 0), dim)
         self.pos = GridPositions(pos, dim, heads, *self.grid, cross_pos)
+        self.register_buffer("seq_pos", sequence_positions(self.grid, plan), persistent=False)  # (P+N,)
 
-    def inputs(self, codes: Tensor) -> Tensor:
-        """codes (B, h, w) -> teacher-forcing inputs (B, h*w): start token + codes[:-1] in raster order."""
+    @property
+    def plan_len(self) -> int:
+        return self.plan * self.plan
+
+    def inputs(self, codes: Tensor, plan: Tensor | None = None) -> Tensor:
+        """codes (B, h, w) [, plan (B, t, t)] -> teacher-forcing inputs (B, P+N): start token + plan + codes[:-1]."""
         if codes.dim() != 3 or tuple(codes.shape[1:]) != self.grid:
             raise MMError(f"codes have shape {tuple(codes.shape)}; this model expects (B, {self.grid[0]}, "
                           f"{self.grid[1]}) from a VQ tokenizer with the same grid")
+        if (plan is None) != (self.plan == 0):
+            raise MMError(f"this model draws a {self.plan}x{self.plan} colour plan before the codes: pass "
+                          "plan=plan_tokens(images, t)" if self.plan else "this model has no plan; pass plan=None")
         flat = codes.flatten(1)  # (B, N)
         start = torch.full_like(flat[:, :1], self.start_id)
-        return torch.cat([start, flat[:, :-1]], dim=1)
+        if plan is None:
+            return torch.cat([start, flat[:, :-1]], dim=1)
+        return torch.cat([start, plan.flatten(1) + self.plan_offset, flat[:, :-1]], dim=1)
 
-    def forward(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None, Tensor | None]:
-        """ids (B, t) code ids or start id; positions (t,) flat cells they predict ->
-        (tokens (B, t, D), RoPE tables or None, query positions (t, D) or None)."""
-        return self.pos(self.emb(ids), positions)
+    def forward(self, ids: Tensor, steps: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None, Tensor | None]:
+        """ids (B, t) code, plan or start ids; steps (t,) their indices in the sequence (the element each
+        predicts) -> (tokens (B, t, D), RoPE tables or None, query positions (t, D) or None)."""
+        return self.pos(self.emb(ids), self.seq_pos[steps])
+
+
+PLAN_LEVELS = 8  # plan tokens: each colour channel of a block's mean in 8 levels
+PLAN_VOCAB = PLAN_LEVELS ** 3
+
+
+def sequence_positions(grid: tuple[int, int], plan: int) -> Tensor:
+    """Flat grid cell of each element of the T2I sequence (P+N,): plan cells, then codes in raster order."""
+    h, w = grid
+    codes = torch.arange(h * w)
+    if not plan:
+        return codes
+    if h % plan or w % plan:
+        raise MMError(f"a {plan}x{plan} plan must divide the {h}x{w} code grid; choose model.t2i_plan dividing both")
+    sh, sw = h // plan, w // plan
+    r, c = torch.meshgrid(torch.arange(plan), torch.arange(plan), indexing="ij")
+    middle = (r * sh + sh // 2) * w + c * sw + sw // 2  # (t, t): the block's middle code
+    return torch.cat([middle.flatten(), codes])
+
+
+def plan_tokens(images: Tensor, plan: int) -> Tensor:
+    """images (B, C, H, W) in [-1, 1] -> (B, t, t) plan ids in [0, PLAN_VOCAB): each block's mean colour,
+    PLAN_LEVELS levels per channel (grey images repeat their one channel). A thumbnail needs no training
+    and says where something coloured is: what the T2I sequence decides first."""
+    if images.shape[-1] % plan or images.shape[-2] % plan:
+        raise MMError(f"a {plan}x{plan} plan must divide the image size {tuple(images.shape[-2:])}")
+    x = images.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    mean = F.adaptive_avg_pool2d(x[:, :3], plan)  # (B, 3, t, t) in [-1, 1]
+    level = ((mean + 1) * (PLAN_LEVELS / 2)).floor().clamp(0, PLAN_LEVELS - 1).long()
+    return (level[:, 0] * PLAN_LEVELS + level[:, 1]) * PLAN_LEVELS + level[:, 2]  # (B, t, t)
 
 
 class SharedBackbone(nn.Module):

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mm.errors import MMError
-from mm.models.backbone import CodeEmbed, PatchEmbed, SharedBackbone
+from mm.models.backbone import PLAN_VOCAB, CodeEmbed, PatchEmbed, SharedBackbone, plan_tokens
 from mm.models.decoder import TextDecoder
 from mm.models.text_encoder import BuiltinTextEncoder, HFTextEncoder, masked_mean
 from mm.nn.attention import Attention
@@ -120,6 +120,10 @@ class MMConfig:
     # A training-only head that predicts, from each T2I state, which codes are still to come in each
     # of r x r regions of the code grid (objectives.t2i_future; 0 = no head). Sampling never reads it.
     t2i_future_regions: int = 0
+    # T2I draws a t x t colour plan first (t = t2i_plan, 0 = none): each block's mean colour in 8 levels
+    # per channel (mm.models.backbone.plan_tokens), then the codes. Where objects go and how many there
+    # are is decided over t*t clean tokens instead of over the textured codes (BENCHMARKS.md, session 18).
+    t2i_plan: int = 0
 
     @classmethod
     def from_dict(cls, data: dict) -> MMConfig:
@@ -154,7 +158,8 @@ class MMModel(nn.Module):
         blocks = {"mlp_ratio": c.mlp_ratio, "mlp": c.mlp, "norm": c.norm, "dropout": c.dropout}
         self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.channels, c.width, c.heads, c.image_pos,
                                       c.patch_stem, c.cross_pos)
-        self.code_embed = CodeEmbed(c.codebook_size, tuple(c.code_grid), c.width, c.heads, c.image_pos, c.cross_pos)
+        self.code_embed = CodeEmbed(c.codebook_size, tuple(c.code_grid), c.width, c.heads, c.image_pos, c.cross_pos,
+                                    c.t2i_plan)
         t2i_own = tuple(part for part in ("attn", "cross", "mlp") if getattr(c, f"t2i_{part}"))
         self.backbone = SharedBackbone(c.width, c.depth, c.heads, null_context_len=c.null_context_len,
                                        t2i_own=t2i_own, **blocks)
@@ -165,6 +170,7 @@ class MMModel(nn.Module):
         self.itm_pool = Pool(c.itm_pool, c.width, c.heads)
         self.itm_head = Linear(c.width, 2)
         self.t2i_head = Linear(c.width, c.codebook_size)
+        self.t2i_plan_head = Linear(c.width, PLAN_VOCAB) if c.t2i_plan else None
         if c.t2i_code_weights:
             self.register_buffer("t2i_log_weight", torch.zeros(c.codebook_size))  # (K,) log w
         self.t2i_future_head = self._future_head(c.t2i_future_regions) if c.t2i_future_regions else None
@@ -372,41 +378,59 @@ class MMModel(nn.Module):
         logits = self.t2i_head(h)  # (..., K)
         return logits - self.t2i_log_weight.to(logits.dtype) if self.config.t2i_code_weights else logits
 
-    def t2i_logits(self, codes: Tensor, text_states: Tensor | None, text_mask: Tensor | None) -> Tensor:
-        """codes (B, h, w) -> (B, h*w, K); row n is conditioned on the text and codes 0..n-1 (raster order)."""
-        return self.code_logits(self.t2i_states(codes, text_states, text_mask))
+    def plan_logits(self, h: Tensor) -> Tensor:
+        if self.t2i_plan_head is None:
+            raise MMError("this model has no T2I plan (model.t2i_plan is 0)")
+        return self.t2i_plan_head(h)  # (..., PLAN_VOCAB)
 
-    def t2i_states(self, codes: Tensor, text_states: Tensor | None, text_mask: Tensor | None) -> Tensor:
-        """codes (B, h, w) -> (B, h*w, D): the backbone states that predict each code (teacher forcing)."""
-        ids = self.code_embed.inputs(codes)  # (B, N): start + codes[:-1]
+    def t2i_plan_tokens(self, images: Tensor) -> Tensor | None:
+        """images (B, C, H, W) in [-1, 1] -> the plan the model is taught (B, t, t), or None without a plan."""
+        return plan_tokens(images, self.config.t2i_plan) if self.config.t2i_plan else None
+
+    def t2i_logits(self, codes: Tensor, text_states: Tensor | None, text_mask: Tensor | None,
+                   plan: Tensor | None = None) -> Tensor:
+        """codes (B, h, w) -> (B, h*w, K); row n is conditioned on the text, the plan (B, t, t) of a model
+        with ``t2i_plan`` and codes 0..n-1 (raster order)."""
+        n = codes.shape[1] * codes.shape[2]
+        return self.code_logits(self.t2i_states(codes, text_states, text_mask, plan)[:, -n:])
+
+    def t2i_states(self, codes: Tensor, text_states: Tensor | None, text_mask: Tensor | None,
+                   plan: Tensor | None = None) -> Tensor:
+        """codes (B, h, w) -> (B, P+N, D): the backbone states that predict each plan token (P = t*t with
+        ``t2i_plan``, else 0; ``plan`` (B, t, t) from t2i_plan_tokens) and each code (teacher forcing)."""
+        ids = self.code_embed.inputs(codes, plan)  # (B, P+N): start + plan + codes[:-1]
         x, rope, qpos = self.code_embed(ids, torch.arange(ids.shape[1], device=ids.device))
         if text_states is None:
             text_states, text_mask = self.null_context(ids.shape[0])
-        return self.backbone(x, rope, text_states, text_mask, causal=True, query_pos=qpos)  # (B, N, D)
+        return self.backbone(x, rope, text_states, text_mask, causal=True, query_pos=qpos)  # (B, P+N, D)
 
     def t2i_prefill(self, text_states: Tensor | None, text_mask: Tensor | None, batch: int | None = None,
                     cache: str = "static") -> tuple[Tensor, DecodeState]:
-        """Feed the start token with the text (None = null context); return (B, K) logits for code 0."""
+        """Feed the start token with the text (None = null context); return (B, K) logits for code 0
+        (a model with ``t2i_plan``: (B, PLAN_VOCAB) logits for plan token 0)."""
         if text_states is None:
             if batch is None:
                 raise ValueError("t2i_prefill without text needs batch=")
             text_states, text_mask = self.null_context(batch)
         b, dev = text_states.shape[0], text_states.device
         c = self.config
-        n = c.code_grid[0] * c.code_grid[1]
+        n = c.code_grid[0] * c.code_grid[1] + self.code_embed.plan_len
         caches = make_caches(c.depth, cache, b, c.heads, n, c.width // c.heads, dev, self._cache_dtype(dev))
         start = torch.full((b, 1), self.code_embed.start_id, dtype=torch.long, device=dev)
         x, rope, qpos = self.code_embed(start, torch.arange(1, device=dev))
         h = self.backbone(x, rope, text_states, text_mask, causal=True, caches=caches, query_pos=qpos)
-        return self.code_logits(h[:, -1]), DecodeState(caches, text_mask)
+        head = self.plan_logits if self.code_embed.plan else self.code_logits
+        return head(h[:, -1]), DecodeState(caches, text_mask)
 
-    def t2i_step(self, codes: Tensor, state: DecodeState) -> Tensor:
-        """codes (B,) just sampled -> (B, K) logits for the next code (cross-attention K/V are cached)."""
+    def t2i_step(self, codes: Tensor, state: DecodeState, plan: bool = False) -> Tensor:
+        """codes (B,) just sampled (ids as fed: a plan token v is ``code_embed.plan_offset + v``) -> (B, K)
+        logits for the next code, or (B, PLAN_VOCAB) for the next plan token with ``plan``
+        (cross-attention K/V are cached)."""
         ids = codes.view(-1, 1)
         pos = state.caches[0].self_attn.next_position() + torch.arange(1, device=ids.device)  # (1,)
         x, rope, qpos = self.code_embed(ids, pos)
         h = self.backbone(x, rope, None, state.context_mask, causal=True, caches=state.caches, query_pos=qpos)
-        return self.code_logits(h[:, -1])
+        return self.plan_logits(h[:, -1]) if plan else self.code_logits(h[:, -1])
 
     def t2i_extend(self, codes: Tensor, state: DecodeState) -> Tensor:
         """codes (B, t) fed after the cached ones -> (B, t, K); row j predicts the code after codes[:, j].

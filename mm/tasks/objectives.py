@@ -244,7 +244,8 @@ def object_weights(metas: list, grid: tuple[int, int], image_size: int, weight: 
 
 
 def t2i_loss(model, codes: Tensor, text_states: Tensor | None, text_mask: Tensor | None,
-             future: bool = False, future_positions: int = 0) -> tuple[Tensor, dict[str, float], Tensor]:
+             future: bool = False, future_positions: int = 0, plan: Tensor | None = None
+             ) -> tuple[Tensor, dict[str, float], Tensor]:
     """Cross-entropy of every code given the text and the codes before it in raster order.
 
     codes (B, h, w) long. A model with T2I code weights w (``set_t2i_code_weights``) is trained
@@ -252,9 +253,14 @@ def t2i_loss(model, codes: Tensor, text_states: Tensor | None, text_mask: Tensor
     optimum is softmax ∝ w·p; the logits it returns subtract log w, so sampling sees p again.
     ``future`` (a model with a future head, ``set_t2i_future``): also the future-codes loss
     (``t2i_future_loss``), returned as the tensor ``metrics["t2i_future"]``.
+    ``plan`` (B, t, t) (a model with ``t2i_plan``: ``model.t2i_plan_tokens(images)``): the codes are
+    conditioned on it, and its own cross-entropy (mean over the t*t tokens) is returned as the
+    tensor ``metrics["t2i_plan"]``.
     Returns (loss, metrics, per-position correct (B, N) bool).
     """
-    states = model.t2i_states(codes, text_states, text_mask)  # (B, N, D)
+    states = model.t2i_states(codes, text_states, text_mask, plan)  # (B, P+N, D)
+    n_plan = states.shape[1] - codes[0].numel()
+    plan_states, states = states[:, :n_plan], states[:, n_plan:]  # (B, P, D), (B, N, D)
     logits = model.code_logits(states).float()  # (B, N, K), calibrated
     targets = codes.flatten(1)  # (B, N)
     if not getattr(model.config, "t2i_code_weights", False):
@@ -268,6 +274,9 @@ def t2i_loss(model, codes: Tensor, text_states: Tensor | None, text_mask: Tensor
     metrics = {"t2i_acc": float(correct.float().mean())}
     if future:
         metrics["t2i_future"] = t2i_future_loss(model, states, codes, future_positions)
+    if n_plan:
+        plan_logits = model.plan_logits(plan_states).float()  # (B, P, V)
+        metrics["t2i_plan"] = F.cross_entropy(plan_logits.flatten(0, 1), plan.flatten())
     return loss, metrics, correct
 
 

@@ -201,11 +201,13 @@ class PretrainTask:
         if "t2i" in todo:
             states, cmask, _ = obj.cfg_drop(m, prompt_states, prompt_mask, self.cfg.objectives.cfg_dropout)
             losses["t2i"], mt, _ = obj.t2i_loss(m, self.codes(batch), states, cmask, self.future > 0,
-                                                self.cfg.objectives.t2i_future_positions)
-            if self.future:
-                losses["t2i_future"] = mt.pop("t2i_future")
+                                                self.cfg.objectives.t2i_future_positions, m.t2i_plan_tokens(images))
+            for extra in ("t2i_future", "t2i_plan"):
+                if extra in mt:
+                    losses[extra] = mt.pop(extra)
             metrics.update(mt)
-        weights = {**self.weights, "t2i_future": self.future}
+        # The plan's cross-entropy counts as much as the codes' (one mean each).
+        weights = {**self.weights, "t2i_future": self.future, "t2i_plan": self.weights["t2i"]}
         total = sum(weights[n] * losses[n] for n in losses)
         metrics.update({f"loss_{n}": float(v.detach()) for n, v in losses.items()})
         return total, metrics
@@ -216,7 +218,7 @@ class PretrainTask:
         val set, caption loss, T2I loss and code accuracy."""
         m = self.model
         img_emb, txt_emb, captions, metas = [], [], [], []
-        cap_sum = cap_n = t2i_sum = t2i_correct = t2i_n = 0.0
+        cap_sum = cap_n = t2i_sum = t2i_correct = t2i_n = plan_sum = 0.0
         for batch in batches:
             images, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"].bool()
             image_states = m.image_states(images) if {"itc", "caption"} & set(self.active) else None
@@ -231,7 +233,8 @@ class PretrainTask:
                 cap_sum, cap_n = cap_sum + float(loss) * n, cap_n + n
             if "t2i" in self.active:
                 states, tmask = m.encode_prompt(ids, mask)
-                loss, _, correct = obj.t2i_loss(m, self.codes(batch), states, tmask)
+                loss, mt, correct = obj.t2i_loss(m, self.codes(batch), states, tmask, plan=m.t2i_plan_tokens(images))
+                plan_sum += float(mt.get("t2i_plan", 0.0)) * correct.shape[0]
                 t2i_sum += float(loss) * correct.numel()
                 t2i_correct += float(correct.sum())
                 t2i_n += correct.numel()
@@ -243,6 +246,8 @@ class PretrainTask:
             out["caption_loss"] = cap_sum / cap_n
         if t2i_n:
             out.update(t2i_loss=t2i_sum / t2i_n, t2i_acc=t2i_correct / t2i_n)
+            if m.config.t2i_plan:  # per plan token, kept apart so t2i_loss compares across models
+                out["t2i_plan_loss"] = plan_sum / (t2i_n / correct.shape[1])
         return out
 
     @torch.no_grad()

@@ -183,7 +183,7 @@ class FreeLogits(torch.nn.Module):
         self.z = torch.nn.Parameter(torch.zeros(k))
         self.register_buffer("t2i_log_weight", weights.log())
 
-    def t2i_states(self, codes, states, mask):
+    def t2i_states(self, codes, states, mask, plan=None):
         return codes.new_zeros(codes.shape[0], codes[0].numel(), 1, dtype=torch.float)  # (B, N, 1)
 
     def code_logits(self, h):

@@ -230,3 +230,21 @@ def test_t2i_text_encoder_learns_from_t2i_alone(tmp_path):
         grads[name] = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
                        for enc in (task.model.text_encoder, task.model.t2i_text_encoder)]
     assert grads == {"itc": [True, False], "itm": [True, False], "caption": [False, False], "t2i": [False, True]}
+
+
+def test_t2i_plan_trains_with_the_codes_and_is_reported_apart(tmp_path):
+    cfg = tiny_config(tmp_path, itc=0.0, itm=0.0, caption=0.0, cfg_dropout=0.0)
+    cfg.model.t2i_plan = 2
+    cfg.model.image_pos, cfg.model.cross_pos = "both", True
+    task = PretrainTask(cfg)
+    batch = make_batch(task.tokenizer, 4)
+    loss, metrics = task.loss(batch, 0)
+    assert set(k for k in metrics if k.startswith("loss_")) == {"loss_t2i", "loss_t2i_plan"}
+    assert float(loss) == pytest.approx(metrics["loss_t2i"] + metrics["loss_t2i_plan"], rel=1e-5)
+    loss.backward()
+    assert task.model.t2i_plan_head.weight.grad.abs().sum() > 0
+    task.model.eval()
+    val = task.validate([batch])
+    assert val["t2i_plan_loss"] == pytest.approx(metrics["loss_t2i_plan"], rel=1e-4)
+    assert val["t2i_loss"] == pytest.approx(metrics["loss_t2i"], rel=1e-4)
+    assert list(task.images(batch, 2).values())[0].size[0] > 0  # samples draw the plan, then the codes

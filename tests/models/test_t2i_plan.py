@@ -1,0 +1,178 @@
+"""The T2I plan (model.t2i_plan): a t×t colour thumbnail drawn before the codes.
+
+Plan tokens from images, their grid positions, cached decoding and sampling against a naive
+reference, the loss and the probe with a plan, save/load, clear errors, and a tiny overfit.
+"""
+
+import pytest
+import torch
+
+from mm.errors import MMError
+from mm.eval.t2i_probe import code_log_likelihood, continue_codes
+from mm.generation.sampler import SamplingParams, sample_codes, sample_codes_uncached, seeds_tensor
+from mm.generation.sjd import sample_codes_sjd
+from mm.models.backbone import PLAN_LEVELS, PLAN_VOCAB, plan_tokens, sequence_positions
+from mm.models.model import MMModel
+from mm.models.presets import create_model
+from mm.tasks import objectives as obj
+
+K = 32
+
+
+def plan_model(**kw):
+    torch.manual_seed(0)
+    return create_model("debug", code_grid=[6, 6], codebook_size=K, image_size=24, t2i_plan=3,
+                        image_pos="both", cross_pos=True, **kw).eval()
+
+
+def prompt(model, b=2):
+    ids = torch.randint(0, model.config.vocab_size, (b, 7))
+    mask = torch.arange(7)[None] < torch.tensor([7, 4] * (b // 2) + [7] * (b % 2))[:, None]
+    return model.encode_prompt(ids, mask)
+
+
+def unplan(token: int) -> tuple[int, int, int]:
+    return token // PLAN_LEVELS**2, token // PLAN_LEVELS % PLAN_LEVELS, token % PLAN_LEVELS
+
+
+def test_plan_tokens_are_block_mean_colours():
+    img = torch.full((1, 3, 24, 24), -0.5)  # grey: level (−0.5 + 1)·4 = 2 in every channel
+    img[0, :, 0:8, 16:24] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]  # a red top-right block
+    img[0, :, 18:22, 2:6] = torch.tensor([-1.0, -1.0, 1.0])[:, None, None]  # a small blue square, bottom left
+    plan = plan_tokens(img, 3)[0]
+    assert plan.shape == (3, 3) and int(plan.max()) < PLAN_VOCAB
+    assert unplan(int(plan[1, 1])) == (2, 2, 2)  # empty grey cell
+    assert unplan(int(plan[0, 2])) == (7, 0, 0)  # all red
+    r, g, b = unplan(int(plan[2, 0]))  # a quarter blue: the mean moves toward blue, off the grey diagonal
+    assert b > r and b > g
+    grey = plan_tokens(img[:, :1], 3)  # one-channel images repeat their channel
+    assert all(len(set(unplan(int(t)))) == 1 for t in grey.flatten())
+    with pytest.raises(MMError, match="divide"):
+        plan_tokens(img, 5)
+
+
+def test_plan_cells_sit_at_the_middle_of_their_code_blocks():
+    pos = sequence_positions((6, 6), 3)
+    assert pos[:9].tolist() == [7, 9, 11, 19, 21, 23, 31, 33, 35]  # (2r+1, 2c+1) on the 6x6 grid
+    assert pos[9:].tolist() == list(range(36))
+    assert sequence_positions((6, 6), 0).tolist() == list(range(36))
+    with pytest.raises(MMError, match="divide"):
+        sequence_positions((6, 6), 4)
+
+
+def test_cached_decoding_equals_the_full_forward_with_a_plan():
+    model = plan_model()
+    states, mask = prompt(model)
+    codes = torch.randint(0, K, (2, 6, 6))
+    plan = plan_tokens(torch.rand(2, 3, 24, 24) * 2 - 1, 3)
+    with torch.no_grad():
+        hidden = model.t2i_states(codes, states, mask, plan)  # (2, 9 + 36, D)
+        ref_plan, ref_codes = model.plan_logits(hidden[:, :9]), model.code_logits(hidden[:, 9:])
+        torch.testing.assert_close(model.t2i_logits(codes, states, mask, plan), ref_codes)
+        seq = torch.cat([plan.flatten(1) + model.code_embed.plan_offset, codes.flatten(1)], 1)
+        logits, state = model.t2i_prefill(states, mask)
+        steps = [logits]
+        for n in range(1, 45):
+            steps.append(model.t2i_step(seq[:, n - 1], state, plan=n < 9))
+    torch.testing.assert_close(torch.stack(steps[:9], 1), ref_plan, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(steps[9:], 1), ref_codes, atol=1e-5, rtol=1e-5)
+
+
+def greedy_reference(model, states, mask, guidance: float) -> torch.Tensor:
+    """Greedy plan then codes with CFG, recomputing the whole sequence every step (no cache)."""
+    b = states.shape[0]
+    plan, codes = torch.zeros(b, 3, 3, dtype=torch.long), torch.zeros(b, 6, 6, dtype=torch.long)
+    null, nmask = model.null_context(b, states.shape[1])
+    for n in range(45):
+        cond = model.t2i_states(codes, states, mask, plan)[:, n]
+        uncond = model.t2i_states(codes, null, nmask, plan)[:, n]
+        head = model.plan_logits if n < 9 else model.code_logits
+        guided = head(cond) + (guidance - 1) * (head(cond) - head(uncond))
+        target = plan if n < 9 else codes
+        target.view(b, -1)[:, n if n < 9 else n - 9] = guided.argmax(-1)
+    return codes
+
+
+def test_greedy_sampling_with_a_plan_equals_the_uncached_reference():
+    model = plan_model()
+    states, mask = prompt(model)
+    with torch.no_grad():
+        got = sample_codes(model, (states, mask), seeds_tensor(0, 2), SamplingParams(guidance_scale=2.0, top_k=1))
+        ref = greedy_reference(model, states, mask, 2.0)
+    assert got.shape == (2, 6, 6) and int(got.max()) < K
+    assert torch.equal(got, ref)
+
+
+def test_plan_loss_save_load_and_errors(tmp_path):
+    model = plan_model()
+    states, mask = prompt(model)
+    codes = torch.randint(0, K, (2, 6, 6))
+    plan = model.t2i_plan_tokens(torch.rand(2, 3, 24, 24) * 2 - 1)
+    loss, metrics, correct = obj.t2i_loss(model, codes, states, mask, plan=plan)
+    assert correct.shape == (2, 36) and metrics["t2i_plan"].requires_grad
+    hidden = model.t2i_states(codes, states, mask, plan)
+    manual = torch.nn.functional.cross_entropy(model.plan_logits(hidden[:, :9]).flatten(0, 1), plan.flatten())
+    torch.testing.assert_close(metrics["t2i_plan"], manual)
+    model.save_pretrained(tmp_path)
+    back = MMModel.from_pretrained(tmp_path)
+    assert back.config.t2i_plan == 3
+    torch.testing.assert_close(back.t2i_logits(codes, states, mask, plan), model.t2i_logits(codes, states, mask, plan))
+    with pytest.raises(MMError, match="plan"):
+        model.t2i_logits(codes, states, mask)  # a plan model needs its plan
+    with pytest.raises(MMError, match="no plan"):
+        create_model("debug", code_grid=[6, 6], codebook_size=K).t2i_logits(codes, None, None, plan)
+    with pytest.raises(MMError, match="divide"):
+        create_model("debug", code_grid=[6, 6], codebook_size=K, t2i_plan=4)
+    for sampler in (sample_codes_uncached, sample_codes_sjd):
+        with pytest.raises(MMError, match="plan"):
+            sampler(model, (states, mask), seeds_tensor(0, 2), SamplingParams())
+    with pytest.raises(MMError, match="plan"):
+        continue_codes(model, codes, states, mask, rows=2)
+
+
+def test_probe_likelihood_counts_the_plan():
+    model = plan_model()
+
+    class Tok:
+        def encode(self, prompts, length):
+            ids = torch.stack([torch.arange(length) * (i + 3) % 100 for i in range(len(prompts))])
+            return ids, torch.ones_like(ids, dtype=torch.bool)
+
+    codes = torch.randint(0, K, (6, 6))
+    plan = torch.randint(0, PLAN_VOCAB, (3, 3))
+    with torch.no_grad():
+        ll = code_log_likelihood(model, Tok(), codes, ["a", "b"], plan)
+        states, mask = model.encode_prompt(*Tok().encode(["a", "b"], model.config.text_max_len))
+        hidden = model.t2i_states(codes.expand(2, -1, -1), states, mask, plan.expand(2, -1, -1))
+        lp_code = model.code_logits(hidden[:, 9:]).log_softmax(-1).gather(-1, codes.flatten().expand(2, -1)[..., None])
+        lp_plan = model.plan_logits(hidden[:, :9]).log_softmax(-1).gather(-1, plan.flatten().expand(2, -1)[..., None])
+    torch.testing.assert_close(ll, lp_code.sum((1, 2)) + lp_plan.sum((1, 2)), atol=1e-4, rtol=1e-5)
+
+
+def test_a_tiny_plan_model_learns_where_to_draw():
+    """Two prompts, two layouts (a red block top left / bottom right on grey): after a short overfit,
+    greedy sampling draws each prompt's plan and codes."""
+    model = plan_model().train()
+    images = torch.full((2, 3, 24, 24), -0.5)
+    images[0, :, 0:8, 0:8] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]
+    images[1, :, 16:24, 16:24] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]
+    plan = plan_tokens(images, 3)
+    codes = torch.zeros(2, 6, 6, dtype=torch.long)
+    codes[0, :2, :2] = 5
+    codes[1, 4:, 4:] = 5
+    ids = torch.tensor([[1, 2, 3], [1, 2, 4]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(100):
+        states, smask = model.encode_prompt(ids, mask)
+        loss, metrics, _ = obj.t2i_loss(model, codes, states, smask, plan=plan)
+        total = loss + metrics["t2i_plan"]
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    assert float(metrics["t2i_plan"].detach()) < 0.05 and float(loss.detach()) < 0.05
+    model.eval()
+    with torch.no_grad():
+        got = sample_codes(model, model.encode_prompt(ids, mask), seeds_tensor(0, 2), SamplingParams(guidance_scale=1.0,
+                                                                                                     top_k=1))
+    assert torch.equal(got, codes)
