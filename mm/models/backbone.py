@@ -13,6 +13,8 @@ embedding owns the positions of its grid and returns them with the tokens.
 
 Generation input is [start] + codes[:-1] in raster order; input token n predicts code n, and it
 carries the position of cell n (the cell being predicted), so the start token sits at (0, 0).
+With a plan (``t2i_plan``), t×t plan tokens (each block's mean colour) come first: [start] + plan +
+codes[:-1], each plan token at the middle cell of its block.
 
 The learned *null context* is a few text-like states in the backbone width. The backbone sees it
 instead of real text for ITC's unimodal image embedding, for captioning, and for the

@@ -13,6 +13,8 @@ What the objectives and the sampler call (all tensors batch-first):
     model.caption_logits(image_states, ids, mask=None) -> (B, L, V); logits[:, t] predicts ids[:, t+1]
     model.t2i_logits(codes (B, h, w), text_states, text_mask) -> (B, h*w, K); row n predicts code n
         (text_states=None uses the null context: the unconditional branch / CFG dropout)
+    model.t2i_plan_tokens(images) -> (B, t, t) or None   # with t2i_plan: the colour plan drawn before
+        the codes; t2i_logits / t2i_states then take plan=, and t2i_states returns (B, t*t + h*w, D)
     model.null_context(batch, length=None) -> (states, mask)     # to batch CFG branches together
 
 Incremental sampling (cross-attention K/V computed once at prefill; self-attention K/V in a
@@ -150,6 +152,8 @@ class MMModel(nn.Module):
             raise MMError(f"model init must be 'gpt' or 'torch', got {c.init!r}")
         if c.width % c.heads:
             raise MMError(f"model width {c.width} is not divisible by heads {c.heads}")
+        if not isinstance(c.t2i_plan, int) or c.t2i_plan < 0:
+            raise MMError(f"model t2i_plan must be an integer >= 0 (0 = no plan), got {c.t2i_plan!r}")
         if c.vqa_fusion not in VQA_FUSIONS:
             raise MMError(f"model vqa_fusion must be one of {', '.join(VQA_FUSIONS)}, got {c.vqa_fusion!r}")
         for name in ("itm_pool", "vqa_pool"):

@@ -108,7 +108,7 @@ def test_plan_loss_save_load_and_errors(tmp_path):
     states, mask = prompt(model)
     codes = torch.randint(0, K, (2, 6, 6))
     plan = model.t2i_plan_tokens(torch.rand(2, 3, 24, 24) * 2 - 1)
-    loss, metrics, correct = obj.t2i_loss(model, codes, states, mask, plan=plan)
+    _, metrics, correct = obj.t2i_loss(model, codes, states, mask, plan=plan)
     assert correct.shape == (2, 36) and metrics["t2i_plan"].requires_grad
     hidden = model.t2i_states(codes, states, mask, plan)
     manual = torch.nn.functional.cross_entropy(model.plan_logits(hidden[:, :9]).flatten(0, 1), plan.flatten())
@@ -176,3 +176,8 @@ def test_a_tiny_plan_model_learns_where_to_draw():
         got = sample_codes(model, model.encode_prompt(ids, mask), seeds_tensor(0, 2), SamplingParams(guidance_scale=1.0,
                                                                                                      top_k=1))
     assert torch.equal(got, codes)
+
+
+def test_a_negative_plan_is_a_one_line_error():
+    with pytest.raises(MMError, match="t2i_plan must be an integer >= 0"):
+        create_model("debug", code_grid=[6, 6], t2i_plan=-3)
