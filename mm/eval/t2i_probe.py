@@ -62,7 +62,7 @@ def code_log_likelihood(model, tokenizer, codes: torch.Tensor, prompts: list[str
     batch = codes.unsqueeze(0).expand(len(prompts), -1, -1)  # (P, h, w)
     plans = None if plan is None else plan.unsqueeze(0).expand(len(prompts), -1, -1)  # (P, t, t)
     hidden = model.t2i_states(batch, states, smask, plans)  # (P, T+N, D)
-    n_plan = hidden.shape[1] - batch[0].numel()
+    n_plan = model.code_embed.plan_len  # T, 0 without a plan
     logp = model.code_logits(hidden[:, n_plan:]).float().log_softmax(-1)  # (P, N, K)
     total = logp.gather(-1, batch.flatten(1).unsqueeze(-1)).squeeze(-1).sum(-1)  # (P,)
     if n_plan:

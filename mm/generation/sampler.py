@@ -244,7 +244,7 @@ def decode_step(model, prev: Tensor, state, seeds: Tensor, position: Tensor, sca
     (as the model's plan head numbers them). Compile-friendly: no syncs."""
     if cfg:
         prev = torch.cat([prev, prev])  # both branches continue from the same code
-    logits = model.t2i_step(prev, state, plan=True) if plan else model.t2i_step(prev, state)  # (B', K)
+    logits = model.t2i_step(prev, state, plan=plan)  # (B', K), or (B', PLAN_VOCAB) with plan
     if cfg:
         logits = guide(logits, scale)
     return choose(logits, seeds, position, params)

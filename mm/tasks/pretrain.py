@@ -218,7 +218,7 @@ class PretrainTask:
         val set, caption loss, T2I loss and code accuracy."""
         m = self.model
         img_emb, txt_emb, captions, metas = [], [], [], []
-        cap_sum = cap_n = t2i_sum = t2i_correct = t2i_n = plan_sum = 0.0
+        cap_sum = cap_n = t2i_sum = t2i_correct = t2i_n = plan_sum = t2i_images = 0.0
         for batch in batches:
             images, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"].bool()
             image_states = m.image_states(images) if {"itc", "caption"} & set(self.active) else None
@@ -235,6 +235,7 @@ class PretrainTask:
                 states, tmask = m.encode_prompt(ids, mask)
                 loss, mt, correct = obj.t2i_loss(m, self.codes(batch), states, tmask, plan=m.t2i_plan_tokens(images))
                 plan_sum += float(mt.get("t2i_plan", 0.0)) * correct.shape[0]
+                t2i_images += correct.shape[0]
                 t2i_sum += float(loss) * correct.numel()
                 t2i_correct += float(correct.sum())
                 t2i_n += correct.numel()
@@ -247,7 +248,7 @@ class PretrainTask:
         if t2i_n:
             out.update(t2i_loss=t2i_sum / t2i_n, t2i_acc=t2i_correct / t2i_n)
             if m.config.t2i_plan:  # per plan token, kept apart so t2i_loss compares across models
-                out["t2i_plan_loss"] = plan_sum / (t2i_n / correct.shape[1])
+                out["t2i_plan_loss"] = plan_sum / t2i_images
         return out
 
     @torch.no_grad()
