@@ -58,7 +58,8 @@ class ModelConfig:
     t2i_mlp: bool | None = None  # T2I codes get MLPs of their own in every backbone block
     t2i_attn: bool | None = None  # T2I codes get self-attention of their own in every backbone block
     t2i_text: bool | None = None  # T2I reads its prompt with a text encoder of its own
-    t2i_plan: int | None = None  # T2I draws a t x t colour plan (block mean colours) before the codes; 0 = none
+    t2i_plan: list[int] | None = None  # T2I draws a t x t colour plan (block mean colours) before the codes; 0 = none;
+    # a list of sides, e.g. [3, 6], draws the plans coarse to fine
     patch_stem: str = ""  # linear | conv (3x3 stride-2 convolutions before the backbone); empty = preset's (linear)
     init: str = ""  # gpt | torch (weight init when training from scratch); empty = preset's (gpt)
     itm_pool: str = ""  # mean | max | attn: how the ITM head reads the fused states; empty = preset's (mean)

@@ -55,12 +55,12 @@ def prompt_variants(objects: list[dict]) -> dict[str, tuple[str, list[str]]]:
 def code_log_likelihood(model, tokenizer, codes: torch.Tensor, prompts: list[str],
                         plan: torch.Tensor | None = None) -> torch.Tensor:
     """log p(codes | prompt) for each prompt (P,), codes (h, w) of one image; for a model with a
-    T2I plan, log p(plan, codes | prompt) with the image's plan (t, t)."""
+    T2I plan, log p(plan, codes | prompt) with the image's plan ((t, t), or (T,) for several sides)."""
     ids, mask = tokenizer.encode(prompts, model.config.text_max_len)
     ids, mask = ids.to(codes.device), mask.to(codes.device)
     states, smask = model.encode_prompt(ids, mask)  # (P, L, D), (P, L)
     batch = codes.unsqueeze(0).expand(len(prompts), -1, -1)  # (P, h, w)
-    plans = None if plan is None else plan.unsqueeze(0).expand(len(prompts), -1, -1)  # (P, t, t)
+    plans = None if plan is None else plan.unsqueeze(0).expand(len(prompts), *plan.shape)  # (P, t, t) or (P, T)
     hidden = model.t2i_states(batch, states, smask, plans)  # (P, T+N, D)
     n_plan = model.code_embed.plan_len  # T, 0 without a plan
     logp = model.code_logits(hidden[:, n_plan:]).float().log_softmax(-1)  # (P, N, K)

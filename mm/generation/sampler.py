@@ -281,8 +281,8 @@ def sample_codes(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor, param
                  compile: bool | str = False, progress=None) -> Tensor:
     """Sample (B, h, w) VQ codes.
 
-    A model with a plan (``t2i_plan`` = t) first draws its t×t plan tokens, with the same guidance,
-    then the codes; only the codes are returned. Noise and guidance steps count the whole sequence.
+    A model with a plan (``t2i_plan`` = t, or sides coarse to fine) first draws its plan tokens, with
+    the same guidance, then the codes; only the codes are returned. Noise and guidance steps count the whole sequence.
 
     text: (states (B, Lt, D), mask (B, Lt)) from ``model.encode_prompt``, or None for unconditional
     samples; uncond: the negative prompt's (states, mask) for the unconditional branch (default:
@@ -309,7 +309,7 @@ def sample_codes(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor, param
         if progress is not None and not n_plan:
             progress()
         for n in range(1, n_seq):
-            prev = chosen[-1] + model.code_embed.plan_offset if n <= n_plan else chosen[-1]  # plan ids are offset
+            prev = model.code_embed.plan_id(chosen[-1], n - 1) if n <= n_plan else chosen[-1]  # plan ids are offset
             chosen.append(step(model, prev, state, seeds, positions[n], scales[n], params, cfg, n < n_plan))
             if progress is not None and n >= n_plan:
                 progress()

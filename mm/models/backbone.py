@@ -14,7 +14,8 @@ embedding owns the positions of its grid and returns them with the tokens.
 Generation input is [start] + codes[:-1] in raster order; input token n predicts code n, and it
 carries the position of cell n (the cell being predicted), so the start token sits at (0, 0).
 With a plan (``t2i_plan``), t×t plan tokens (each block's mean colour) come first: [start] + plan +
-codes[:-1], each plan token at the middle cell of its block.
+codes[:-1], each plan token at the middle cell of its block. A coarse-to-fine plan (sides t1 < t2 …)
+draws the t1×t1 thumbnail, then the t2×t2 one, then the codes.
 
 The learned *null context* is a few text-like states in the backbone width. The backbone sees it
 instead of real text for ITC's unimodal image embedding, for captioning, and for the
@@ -22,6 +23,8 @@ unconditional branch of classifier-free guidance.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -129,39 +132,53 @@ class PatchEmbed(nn.Module):
 class CodeEmbed(nn.Module):
     """VQ code embeddings plus a learned start token (index K) for next-code prediction.
 
-    With a plan (``plan`` = t > 0) the sequence is t×t plan tokens, then the h×w codes: the plan is a
-    coarse colour thumbnail of the image (``plan_tokens``), ids K+1 … K+PLAN_VOCAB, and plan cell
-    (r, c) carries the grid position of the middle code of the block it covers, so RoPE and the
-    learned table place it where its codes will be.
+    With a plan (``plan`` = sides (t1, t2, …), each > 0, coarse to fine) the sequence is the t1×t1 plan
+    tokens, then the t2×t2 ones …, then the h×w codes: each plan level is a colour thumbnail of the image
+    (``plan_tokens``) and plan cell (r, c) carries the grid position of the middle code of the block it
+    covers, so RoPE and the learned table place it where its codes will be. Level l's token v is fed as
+    id K + 1 + l·PLAN_VOCAB + v: the ids say which thumbnail a token belongs to (a coarse and a fine cell
+    can share a middle code); one plan head scores v at every level.
     """
 
     def __init__(self, codebook_size: int, grid: tuple[int, int], dim: int, heads: int, pos: str,
-                 cross_pos: bool = False, plan: int = 0):
+                 cross_pos: bool = False, plan: int | list[int] | tuple[int, ...] = 0):
         super().__init__()
-        self.codebook_size, self.grid, self.plan = codebook_size, tuple(grid), plan
+        self.codebook_size, self.grid, self.plan = codebook_size, tuple(grid), plan_sides(plan)
         self.start_id = codebook_size
-        self.plan_offset = codebook_size + 1  # plan token v is fed as id K + 1 + v
-        self.emb = nn.Embedding(codebook_size + 1 + (PLAN_VOCAB if plan else 0), dim)
+        self.plan_offset = codebook_size + 1  # level 0's token v is fed as id K + 1 + v
+        self.emb = nn.Embedding(codebook_size + 1 + PLAN_VOCAB * len(self.plan), dim)
         self.pos = GridPositions(pos, dim, heads, *self.grid, cross_pos)
-        self.register_buffer("seq_pos", sequence_positions(self.grid, plan), persistent=False)  # (P+N,)
+        self.register_buffer("seq_pos", sequence_positions(self.grid, self.plan), persistent=False)  # (P+N,)
+        level = torch.cat([torch.full((t * t,), i) for i, t in enumerate(self.plan)]) if self.plan else torch.zeros(0)
+        # (P,) the id offset of each plan position: K + 1 + its level · PLAN_VOCAB
+        self.register_buffer("plan_ids", (self.plan_offset + level * PLAN_VOCAB).long(), persistent=False)
 
     @property
     def plan_len(self) -> int:
-        return self.plan * self.plan
+        return sum(t * t for t in self.plan)
+
+    def plan_id(self, tokens: Tensor, index: int) -> Tensor:
+        """Plan tokens (B,) drawn for plan position ``index`` -> the ids fed back (level offset added)."""
+        return tokens + self.plan_ids[index]
 
     def inputs(self, codes: Tensor, plan: Tensor | None = None) -> Tensor:
-        """codes (B, h, w) [, plan (B, t, t)] -> teacher-forcing inputs (B, P+N): start token + plan + codes[:-1]."""
+        """codes (B, h, w) [, plan (B, P) from plan_tokens] -> teacher-forcing inputs (B, P+N): start token +
+        plan + codes[:-1]."""
         if codes.dim() != 3 or tuple(codes.shape[1:]) != self.grid:
             raise MMError(f"codes have shape {tuple(codes.shape)}; this model expects (B, {self.grid[0]}, "
                           f"{self.grid[1]}) from a VQ tokenizer with the same grid")
-        if (plan is None) != (self.plan == 0):
-            raise MMError(f"this model draws a {self.plan}x{self.plan} colour plan before the codes: pass "
-                          "plan=plan_tokens(images, t)" if self.plan else "this model has no plan; pass plan=None")
+        if (plan is None) != (not self.plan):
+            raise MMError(f"this model draws a colour plan ({describe_plan(self.plan)}) before the codes: pass "
+                          "plan=plan_tokens(images, sides)" if self.plan else "this model has no plan; pass plan=None")
         flat = codes.flatten(1)  # (B, N)
         start = torch.full_like(flat[:, :1], self.start_id)
         if plan is None:
             return torch.cat([start, flat[:, :-1]], dim=1)
-        return torch.cat([start, plan.flatten(1) + self.plan_offset, flat[:, :-1]], dim=1)
+        plan = plan.flatten(1)  # (B, P)
+        if plan.shape[1] != self.plan_len:
+            raise MMError(f"the plan has {plan.shape[1]} tokens; this model's plan ({describe_plan(self.plan)}) "
+                          f"has {self.plan_len}")
+        return torch.cat([start, plan + self.plan_ids, flat[:, :-1]], dim=1)
 
     def forward(self, ids: Tensor, steps: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None, Tensor | None]:
         """ids (B, t) code, plan or start ids; steps (t,) their indices in the sequence (the element each
@@ -173,24 +190,43 @@ PLAN_LEVELS = 8  # plan tokens: each colour channel of a block's mean in 8 level
 PLAN_VOCAB = PLAN_LEVELS ** 3
 
 
-def sequence_positions(grid: tuple[int, int], plan: int) -> Tensor:
-    """Flat grid cell of each element of the T2I sequence (P+N,): plan cells, then codes in raster order."""
+def plan_sides(plan: int | list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    """model.t2i_plan -> the plan's sides, coarse to fine: 0 or [] = no plan, t = (t,), [3, 6] = (3, 6)."""
+    sides = [plan] if isinstance(plan, int) and not isinstance(plan, bool) else plan
+    if not isinstance(sides, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in sides):
+        raise MMError(f"model t2i_plan must be an integer >= 0 or a list of sides, e.g. [3, 6]; got {plan!r}")
+    sides = tuple(t for t in sides if t != 0) if len(sides) == 1 else tuple(sides)
+    if any(t <= 0 for t in sides) or any(a >= b for a, b in itertools.pairwise(sides)):
+        raise MMError(f"model t2i_plan sides must be > 0 and increase (coarse to fine), e.g. [3, 6]; got {plan!r}")
+    return sides
+
+
+def describe_plan(sides: tuple[int, ...]) -> str:
+    return ", then ".join(f"{t}x{t}" for t in sides)
+
+
+def sequence_positions(grid: tuple[int, int], plan: int | tuple[int, ...]) -> Tensor:
+    """Flat grid cell of each element of the T2I sequence (P+N,): plan cells level by level, then codes
+    in raster order."""
     h, w = grid
-    codes = torch.arange(h * w)
-    if not plan:
-        return codes
-    if h % plan or w % plan:
-        raise MMError(f"a {plan}x{plan} plan must divide the {h}x{w} code grid; choose model.t2i_plan dividing both")
-    sh, sw = h // plan, w // plan
-    r, c = torch.meshgrid(torch.arange(plan), torch.arange(plan), indexing="ij")
-    middle = (r * sh + sh // 2) * w + c * sw + sw // 2  # (t, t): the block's middle code
-    return torch.cat([middle.flatten(), codes])
+    parts = []
+    for t in plan_sides(plan):
+        if h % t or w % t:
+            raise MMError(f"a {t}x{t} plan must divide the {h}x{w} code grid; choose model.t2i_plan sides "
+                          "dividing both")
+        sh, sw = h // t, w // t
+        r, c = torch.meshgrid(torch.arange(t), torch.arange(t), indexing="ij")
+        parts.append(((r * sh + sh // 2) * w + c * sw + sw // 2).flatten())  # (t*t,): each block's middle code
+    return torch.cat([*parts, torch.arange(h * w)])
 
 
-def plan_tokens(images: Tensor, plan: int) -> Tensor:
-    """images (B, C, H, W) in [-1, 1] -> (B, t, t) plan ids in [0, PLAN_VOCAB): each block's mean colour,
-    PLAN_LEVELS levels per channel (grey images repeat their one channel). A thumbnail needs no training
-    and says where something coloured is: what the T2I sequence decides first."""
+def plan_tokens(images: Tensor, plan: int | tuple[int, ...]) -> Tensor:
+    """images (B, C, H, W) in [-1, 1] -> plan ids in [0, PLAN_VOCAB): each block's mean colour, PLAN_LEVELS
+    levels per channel (grey images repeat their one channel). One side t gives (B, t, t); sides
+    (t1, t2, …) give the thumbnails flattened and concatenated, (B, t1² + t2² + …). A thumbnail needs no
+    training and says where something coloured is: what the T2I sequence decides first."""
+    if not isinstance(plan, int):
+        return torch.cat([plan_tokens(images, t).flatten(1) for t in plan_sides(plan)], dim=1)
     if images.shape[-1] % plan or images.shape[-2] % plan:
         raise MMError(f"a {plan}x{plan} plan must divide the image size {tuple(images.shape[-2:])}")
     x = images.float()

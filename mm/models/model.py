@@ -13,8 +13,8 @@ What the objectives and the sampler call (all tensors batch-first):
     model.caption_logits(image_states, ids, mask=None) -> (B, L, V); logits[:, t] predicts ids[:, t+1]
     model.t2i_logits(codes (B, h, w), text_states, text_mask) -> (B, h*w, K); row n predicts code n
         (text_states=None uses the null context: the unconditional branch / CFG dropout)
-    model.t2i_plan_tokens(images) -> (B, t, t) or None   # with t2i_plan: the colour plan drawn before
-        the codes; t2i_logits / t2i_states then take plan=, and t2i_states returns (B, t*t + h*w, D)
+    model.t2i_plan_tokens(images) -> (B, t, t), (B, P) or None   # with t2i_plan: the colour plan drawn
+        before the codes; t2i_logits / t2i_states then take plan=, and t2i_states returns (B, P + h*w, D)
     model.null_context(batch, length=None) -> (states, mask)     # to batch CFG branches together
 
 Incremental sampling (cross-attention K/V computed once at prefill; self-attention K/V in a
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mm.errors import MMError
-from mm.models.backbone import PLAN_VOCAB, CodeEmbed, PatchEmbed, SharedBackbone, plan_tokens
+from mm.models.backbone import PLAN_VOCAB, CodeEmbed, PatchEmbed, SharedBackbone, plan_sides, plan_tokens
 from mm.models.decoder import TextDecoder
 from mm.models.text_encoder import BuiltinTextEncoder, HFTextEncoder, masked_mean
 from mm.nn.attention import Attention
@@ -125,7 +125,9 @@ class MMConfig:
     # T2I draws a t x t colour plan first (t = t2i_plan, 0 = none): each block's mean colour in 8 levels
     # per channel (mm.models.backbone.plan_tokens), then the codes. Where objects go and how many there
     # are is decided over t*t clean tokens instead of over the textured codes (BENCHMARKS.md, session 18).
-    t2i_plan: int = 0
+    # A list of sides, e.g. [3, 6], draws the plans coarse to fine: 3x3 places the objects, 6x6 (a
+    # silhouette at 8 px per cell) settles their shapes, then the codes.
+    t2i_plan: int | list[int] = 0
 
     @classmethod
     def from_dict(cls, data: dict) -> MMConfig:
@@ -152,8 +154,7 @@ class MMModel(nn.Module):
             raise MMError(f"model init must be 'gpt' or 'torch', got {c.init!r}")
         if c.width % c.heads:
             raise MMError(f"model width {c.width} is not divisible by heads {c.heads}")
-        if not isinstance(c.t2i_plan, int) or c.t2i_plan < 0:
-            raise MMError(f"model t2i_plan must be an integer >= 0 (0 = no plan), got {c.t2i_plan!r}")
+        plan_sides(c.t2i_plan)  # a one-line error for a bad plan
         if c.vqa_fusion not in VQA_FUSIONS:
             raise MMError(f"model vqa_fusion must be one of {', '.join(VQA_FUSIONS)}, got {c.vqa_fusion!r}")
         for name in ("itm_pool", "vqa_pool"):
@@ -174,7 +175,7 @@ class MMModel(nn.Module):
         self.itm_pool = Pool(c.itm_pool, c.width, c.heads)
         self.itm_head = Linear(c.width, 2)
         self.t2i_head = Linear(c.width, c.codebook_size)
-        self.t2i_plan_head = Linear(c.width, PLAN_VOCAB) if c.t2i_plan else None
+        self.t2i_plan_head = Linear(c.width, PLAN_VOCAB) if self.code_embed.plan else None
         if c.t2i_code_weights:
             self.register_buffer("t2i_log_weight", torch.zeros(c.codebook_size))  # (K,) log w
         self.t2i_future_head = self._future_head(c.t2i_future_regions) if c.t2i_future_regions else None
@@ -388,20 +389,22 @@ class MMModel(nn.Module):
         return self.t2i_plan_head(h)  # (..., PLAN_VOCAB)
 
     def t2i_plan_tokens(self, images: Tensor) -> Tensor | None:
-        """images (B, C, H, W) in [-1, 1] -> the plan the model is taught (B, t, t), or None without a plan."""
-        return plan_tokens(images, self.config.t2i_plan) if self.config.t2i_plan else None
+        """images (B, C, H, W) in [-1, 1] -> the plan the model is taught, (B, t, t) for one side t, (B, P)
+        for a list of sides; None without a plan."""
+        return plan_tokens(images, self.config.t2i_plan) if self.code_embed.plan else None
 
     def t2i_logits(self, codes: Tensor, text_states: Tensor | None, text_mask: Tensor | None,
                    plan: Tensor | None = None) -> Tensor:
-        """codes (B, h, w) -> (B, h*w, K); row n is conditioned on the text, the plan (B, t, t) of a model
-        with ``t2i_plan`` and codes 0..n-1 (raster order)."""
+        """codes (B, h, w) -> (B, h*w, K); row n is conditioned on the text, the plan (t2i_plan_tokens) of a
+        model with ``t2i_plan`` and codes 0..n-1 (raster order)."""
         n = codes.shape[1] * codes.shape[2]
         return self.code_logits(self.t2i_states(codes, text_states, text_mask, plan)[:, -n:])
 
     def t2i_states(self, codes: Tensor, text_states: Tensor | None, text_mask: Tensor | None,
                    plan: Tensor | None = None) -> Tensor:
         """codes (B, h, w) -> (B, P+N, D): the backbone states that predict each plan token (P = t*t with
-        ``t2i_plan``, else 0; ``plan`` (B, t, t) from t2i_plan_tokens) and each code (teacher forcing)."""
+        ``t2i_plan`` = t, the sum over sides for a list, else 0; ``plan`` from t2i_plan_tokens) and each
+        code (teacher forcing)."""
         ids = self.code_embed.inputs(codes, plan)  # (B, P+N): start + plan + codes[:-1]
         x, rope, qpos = self.code_embed(ids, torch.arange(ids.shape[1], device=ids.device))
         if text_states is None:
@@ -427,7 +430,7 @@ class MMModel(nn.Module):
         return head(h[:, -1]), DecodeState(caches, text_mask)
 
     def t2i_step(self, codes: Tensor, state: DecodeState, plan: bool = False) -> Tensor:
-        """codes (B,) just sampled (ids as fed: a plan token v is ``code_embed.plan_offset + v``) -> (B, K)
+        """codes (B,) just sampled (ids as fed: plan tokens through ``code_embed.plan_id``) -> (B, K)
         logits for the next code, or (B, PLAN_VOCAB) for the next plan token with ``plan``
         (cross-attention K/V are cached)."""
         ids = codes.view(-1, 1)

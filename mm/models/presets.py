@@ -92,4 +92,6 @@ def model_from_config(model_cfg, vocab_size: int, codebook_size: int, code_grid:
         value = getattr(model_cfg, name, None)
         if value not in (None, ""):
             over[name] = value
+    if isinstance(over.get("t2i_plan"), list) and len(over["t2i_plan"]) == 1:
+        over["t2i_plan"] = over["t2i_plan"][0]  # one side is saved as the plain integer
     return create_model(model_cfg.preset, **over)

@@ -247,7 +247,7 @@ class PretrainTask:
             out["caption_loss"] = cap_sum / cap_n
         if t2i_n:
             out.update(t2i_loss=t2i_sum / t2i_n, t2i_acc=t2i_correct / t2i_n)
-            if m.config.t2i_plan:  # per plan token, kept apart so t2i_loss compares across models
+            if m.code_embed.plan:  # per plan token, kept apart so t2i_loss compares across models
                 out["t2i_plan_loss"] = plan_sum / t2i_images
         return out
 

@@ -19,10 +19,13 @@ from mm.tasks import objectives as obj
 K = 32
 
 
-def plan_model(**kw):
+def plan_model(sides=3, **kw):
     torch.manual_seed(0)
-    return create_model("debug", code_grid=[6, 6], codebook_size=K, image_size=24, t2i_plan=3,
+    return create_model("debug", code_grid=[6, 6], codebook_size=K, image_size=24, t2i_plan=sides,
                         image_pos="both", cross_pos=True, **kw).eval()
+
+
+SIDES = [3, [2, 3]]  # one plan, and a coarse-to-fine one (2x2 then 3x3)
 
 
 def prompt(model, b=2):
@@ -60,41 +63,63 @@ def test_plan_cells_sit_at_the_middle_of_their_code_blocks():
         sequence_positions((6, 6), 4)
 
 
-def test_cached_decoding_equals_the_full_forward_with_a_plan():
-    model = plan_model()
+def test_coarse_to_fine_plans_concatenate_levels_with_ids_of_their_own():
+    images = torch.rand(2, 3, 24, 24) * 2 - 1
+    plan = plan_tokens(images, (2, 3))
+    assert plan.shape == (2, 13)
+    assert torch.equal(plan, torch.cat([plan_tokens(images, 2).flatten(1), plan_tokens(images, 3).flatten(1)], 1))
+    pos = sequence_positions((6, 6), (2, 3))
+    assert pos[:4].tolist() == [7, 10, 25, 28]  # 2x2 blocks of 3x3 codes: middle (3r+1, 3c+1)
+    assert pos[4:13].tolist() == sequence_positions((6, 6), 3)[:9].tolist() and pos[13:].tolist() == list(range(36))
+    model = plan_model([2, 3])
+    embed = model.code_embed
+    assert embed.plan == (2, 3) and embed.plan_len == 13 and embed.emb.num_embeddings == K + 1 + 2 * PLAN_VOCAB
+    ids = embed.inputs(torch.zeros(2, 6, 6, dtype=torch.long), torch.zeros(2, 13, dtype=torch.long))
+    # level 0's token v is K + 1 + v, level 1's K + 1 + PLAN_VOCAB + v: the same colour, a different id
+    assert ids[0, 1:5].tolist() == [K + 1] * 4 and ids[0, 5:14].tolist() == [K + 1 + PLAN_VOCAB] * 9
+    assert int(embed.plan_id(torch.tensor([5]), 4)) == K + 1 + PLAN_VOCAB + 5
+    with pytest.raises(MMError, match="13"):
+        embed.inputs(torch.zeros(2, 6, 6, dtype=torch.long), torch.zeros(2, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("sides", SIDES)
+def test_cached_decoding_equals_the_full_forward_with_a_plan(sides):
+    model = plan_model(sides)
+    p = model.code_embed.plan_len
     states, mask = prompt(model)
     codes = torch.randint(0, K, (2, 6, 6))
-    plan = plan_tokens(torch.rand(2, 3, 24, 24) * 2 - 1, 3)
+    plan = model.t2i_plan_tokens(torch.rand(2, 3, 24, 24) * 2 - 1)
     with torch.no_grad():
-        hidden = model.t2i_states(codes, states, mask, plan)  # (2, 9 + 36, D)
-        ref_plan, ref_codes = model.plan_logits(hidden[:, :9]), model.code_logits(hidden[:, 9:])
+        hidden = model.t2i_states(codes, states, mask, plan)  # (2, P + 36, D)
+        ref_plan, ref_codes = model.plan_logits(hidden[:, :p]), model.code_logits(hidden[:, p:])
         torch.testing.assert_close(model.t2i_logits(codes, states, mask, plan), ref_codes)
-        seq = torch.cat([plan.flatten(1) + model.code_embed.plan_offset, codes.flatten(1)], 1)
+        seq = torch.cat([plan.flatten(1) + model.code_embed.plan_ids, codes.flatten(1)], 1)
         logits, state = model.t2i_prefill(states, mask)
         steps = [logits]
-        for n in range(1, 45):
-            steps.append(model.t2i_step(seq[:, n - 1], state, plan=n < 9))
-    torch.testing.assert_close(torch.stack(steps[:9], 1), ref_plan, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.stack(steps[9:], 1), ref_codes, atol=1e-5, rtol=1e-5)
+        for n in range(1, p + 36):
+            steps.append(model.t2i_step(seq[:, n - 1], state, plan=n < p))
+    torch.testing.assert_close(torch.stack(steps[:p], 1), ref_plan, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(steps[p:], 1), ref_codes, atol=1e-5, rtol=1e-5)
 
 
 def greedy_reference(model, states, mask, guidance: float) -> torch.Tensor:
     """Greedy plan then codes with CFG, recomputing the whole sequence every step (no cache)."""
-    b = states.shape[0]
-    plan, codes = torch.zeros(b, 3, 3, dtype=torch.long), torch.zeros(b, 6, 6, dtype=torch.long)
+    b, p = states.shape[0], model.code_embed.plan_len
+    plan, codes = torch.zeros(b, p, dtype=torch.long), torch.zeros(b, 6, 6, dtype=torch.long)
     null, nmask = model.null_context(b, states.shape[1])
-    for n in range(45):
+    for n in range(p + 36):
         cond = model.t2i_states(codes, states, mask, plan)[:, n]
         uncond = model.t2i_states(codes, null, nmask, plan)[:, n]
-        head = model.plan_logits if n < 9 else model.code_logits
+        head = model.plan_logits if n < p else model.code_logits
         guided = head(cond) + (guidance - 1) * (head(cond) - head(uncond))
-        target = plan if n < 9 else codes
-        target.view(b, -1)[:, n if n < 9 else n - 9] = guided.argmax(-1)
+        target = plan if n < p else codes
+        target.view(b, -1)[:, n if n < p else n - p] = guided.argmax(-1)
     return codes
 
 
-def test_greedy_sampling_with_a_plan_equals_the_uncached_reference():
-    model = plan_model()
+@pytest.mark.parametrize("sides", SIDES)
+def test_greedy_sampling_with_a_plan_equals_the_uncached_reference(sides):
+    model = plan_model(sides)
     states, mask = prompt(model)
     with torch.no_grad():
         got = sample_codes(model, (states, mask), seeds_tensor(0, 2), SamplingParams(guidance_scale=2.0, top_k=1))
@@ -130,8 +155,10 @@ def test_plan_loss_save_load_and_errors(tmp_path):
         continue_codes(model, codes, states, mask, rows=2)
 
 
-def test_probe_likelihood_counts_the_plan():
-    model = plan_model()
+@pytest.mark.parametrize("sides", SIDES)
+def test_probe_likelihood_counts_the_plan(sides):
+    model = plan_model(sides)
+    p = model.code_embed.plan_len
 
     class Tok:
         def encode(self, prompts, length):
@@ -139,13 +166,13 @@ def test_probe_likelihood_counts_the_plan():
             return ids, torch.ones_like(ids, dtype=torch.bool)
 
     codes = torch.randint(0, K, (6, 6))
-    plan = torch.randint(0, PLAN_VOCAB, (3, 3))
+    plan = torch.randint(0, PLAN_VOCAB, (3, 3) if sides == 3 else (p,))
     with torch.no_grad():
         ll = code_log_likelihood(model, Tok(), codes, ["a", "b"], plan)
         states, mask = model.encode_prompt(*Tok().encode(["a", "b"], model.config.text_max_len))
-        hidden = model.t2i_states(codes.expand(2, -1, -1), states, mask, plan.expand(2, -1, -1))
-        lp_code = model.code_logits(hidden[:, 9:]).log_softmax(-1).gather(-1, codes.flatten().expand(2, -1)[..., None])
-        lp_plan = model.plan_logits(hidden[:, :9]).log_softmax(-1).gather(-1, plan.flatten().expand(2, -1)[..., None])
+        hidden = model.t2i_states(codes.expand(2, -1, -1), states, mask, plan.expand(2, *plan.shape))
+        lp_code = model.code_logits(hidden[:, p:]).log_softmax(-1).gather(-1, codes.flatten().expand(2, -1)[..., None])
+        lp_plan = model.plan_logits(hidden[:, :p]).log_softmax(-1).gather(-1, plan.flatten().expand(2, -1)[..., None])
     torch.testing.assert_close(ll, lp_code.sum((1, 2)) + lp_plan.sum((1, 2)), atol=1e-4, rtol=1e-5)
 
 
@@ -178,6 +205,17 @@ def test_a_tiny_plan_model_learns_where_to_draw():
     assert torch.equal(got, codes)
 
 
-def test_a_negative_plan_is_a_one_line_error():
-    with pytest.raises(MMError, match="t2i_plan must be an integer >= 0"):
-        create_model("debug", code_grid=[6, 6], t2i_plan=-3)
+@pytest.mark.parametrize("bad", [-3, [6, 3], [3, 3], [0, 3], "3", [2.5]])
+def test_a_bad_plan_is_a_one_line_error(bad):
+    with pytest.raises(MMError, match="t2i_plan"):
+        create_model("debug", code_grid=[6, 6], t2i_plan=bad)
+
+
+def test_the_run_config_takes_one_side_or_a_list():
+    from mm.config import Config, apply_overrides
+    from mm.models.presets import model_from_config
+
+    for text, sides in (("3", 3), ("[2,3]", [2, 3]), ("2,3", [2, 3]), ("0", 0)):
+        cfg = apply_overrides(Config(), [f"model.t2i_plan={text}", "model.preset=debug"])
+        model = model_from_config(cfg.model, 100, K, (6, 6), 24)
+        assert model.config.t2i_plan == sides  # one side is saved as the plain integer of older models
