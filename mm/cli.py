@@ -99,6 +99,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance (1 = none)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0 = all)")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--plan-temperature", type=float, default=None,
+                   help="temperature of a plan model's plan tokens (model.t2i_plan; default: --temperature)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fid-data", default="", help="shards of real images for FID (optional)")
     p.add_argument("--inception", default="", help="local Inception weights for FID (default: mm features)")
@@ -131,6 +133,8 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--plan-temperature", type=float, default=None,
+                   help="temperature of a plan model's plan tokens (model.t2i_plan; default: --temperature)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="PNG grid")
     p.add_argument("--out-dir", default="", help="also write each image here")

@@ -232,17 +232,18 @@ def shard_images(spec: str, size: int, limit: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_t2i(pipe, num_prompts: int = 64, guidance: float = DEFAULT_GUIDANCE, seed: int = 0,
                  reference: torch.Tensor | None = None, features=None, batch: int = 64,
-                 top_k: int = 0, temperature: float = 1.0) -> dict:
+                 top_k: int = 0, temperature: float = 1.0, plan_temperature: float | None = None) -> dict:
     """Generate for held-out prompts and score them. ``reference``: real images for FID
     (default: rendered drawings of the prompts); ``features``: FID extractor (default: mm's);
-    top_k / temperature: sampling settings (0 / 1 = the model's own distribution)."""
+    top_k / temperature: sampling settings (0 / 1 = the model's own distribution); plan_temperature:
+    the temperature of a plan model's plan tokens (None = temperature)."""
     specs = eval_prompts(num_prompts)
     prompts = [s["prompt"] for s in specs]
     images = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
         codes = pipe.generate_codes(chunk, guidance_scale=guidance, seed=[seed + i + j for j in range(len(chunk))],
-                                    top_k=top_k, temperature=temperature)
+                                    top_k=top_k, temperature=temperature, plan_temperature=plan_temperature)
         images.append(pipe.decode(codes).cpu())
     fake = torch.cat(images)  # (N, 3, H, W) in [-1, 1]
     from mm.generation.pipeline import to_pil
@@ -268,6 +269,7 @@ def evaluate_t2i(pipe, num_prompts: int = 64, guidance: float = DEFAULT_GUIDANCE
             "t2i_ceiling": ceiling["overall"], "ceiling": ceiling, "itc_score": itc,
             "fid": fid, "fid_features": features.name, "fid_reference": ref_name,
             "num_images": len(prompts), "guidance": guidance, "top_k": top_k, "temperature": temperature,
+            "plan_temperature": plan_temperature,
             "seed": seed}
 
 
@@ -280,14 +282,15 @@ def cli_eval_t2i(args: argparse.Namespace) -> int:
         raise MMError(f"--guidance must be >= 0 (1 = no guidance), got {args.guidance}")
     if args.seed < 0:
         raise MMError(f"--seed must be >= 0, got {args.seed}")
-    if args.top_k < 0 or not args.temperature > 0:
-        raise MMError(f"--top-k must be >= 0 and --temperature > 0, got {args.top_k} and {args.temperature}")
+    if args.top_k < 0 or not args.temperature > 0 or not (args.plan_temperature or 1.0) > 0:
+        raise MMError(f"--top-k must be >= 0 and --temperature / --plan-temperature > 0, got {args.top_k}, "
+                      f"{args.temperature} and {args.plan_temperature}")
     pipe = TextToImagePipeline.from_pretrained(args.model)
     features = InceptionFeatures(args.inception, pipe.device) if args.inception else None
     size = pipe.model.config.image_size
     reference = shard_images(args.fid_data, size, max(args.num_prompts, 2048)) if args.fid_data else None
     metrics = evaluate_t2i(pipe, args.num_prompts, args.guidance, args.seed, reference, features,
-                           top_k=args.top_k, temperature=args.temperature)
+                           top_k=args.top_k, temperature=args.temperature, plan_temperature=args.plan_temperature)
     text = json.dumps(metrics, indent=2)
     print(text)
     # stderr, so stdout stays one JSON document; a low ceiling means the score above is capped by the VQ.

@@ -61,7 +61,8 @@ def cli_generate(args: argparse.Namespace) -> int:
                       f"per prompt for {len(args.prompt)} prompt(s)")
     if args.guidance < 0:
         raise MMError(f"--guidance must be >= 0 (1 = no guidance), got {args.guidance}")
-    SamplingParams(args.guidance, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature).check()
+    SamplingParams(args.guidance, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                   plan_temperature=args.plan_temperature).check()
     out = _check_out(args.out, "--out")
     with warnings.catch_warnings(record=True) as caught:  # show prompt warnings as one clean line each
         warnings.simplefilter("always")
@@ -81,6 +82,7 @@ def cli_generate(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         images = pipe(prompts, num_images_per_prompt=args.num_images, guidance_scale=args.guidance,
                       top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, seed=args.seed,
+                      plan_temperature=args.plan_temperature,
                       negative_prompt=args.negative_prompt or None, progress=lambda: bar.update(1))
     bar.close()
     for wmsg in [*caught, *more]:

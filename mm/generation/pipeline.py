@@ -176,9 +176,11 @@ class TextToImagePipeline:
                        negative_prompt: str | list[str] | None = None, guidance_schedule: str = "constant",
                        guidance_interval: tuple[int, int] | None = None, cache: str = "static",
                        compile: bool | str = False, progress=None, decode: str | None = None,
-                       sjd_window: int | None = None, stats: list | None = None) -> torch.Tensor:
+                       sjd_window: int | None = None, stats: list | None = None,
+                       plan_temperature: float | None = None) -> torch.Tensor:
         """Sampled VQ codes (P * n, h, w), prompt-major, in batches of at most ``self.max_batch``.
 
+        plan_temperature: the temperature of a plan model's plan tokens (None = ``temperature``).
         decode / sjd_window override the configured decoder for this call; stats: a list that
         gets one dict per batch (``images``, ``seconds``, and for SJD ``forwards``), as does
         ``self.history``."""
@@ -189,7 +191,8 @@ class TextToImagePipeline:
         if not isinstance(n, int) or n < 1 or n * len(prompts) > MAX_IMAGES:
             raise MMError(f"number of images per prompt must be >= 1 and at most {MAX_IMAGES} images in all; "
                           f"got {n} x {len(prompts)} prompts")
-        params = SamplingParams(guidance_scale, guidance_schedule, guidance_interval, top_k, top_p, temperature).check()
+        params = SamplingParams(guidance_scale, guidance_schedule, guidance_interval, top_k, top_p, temperature,
+                                plan_temperature).check()
         decode = decode or self.decode_mode
         if decode not in DECODERS:
             raise MMError(f"decode must be one of {', '.join(DECODERS)}, got {decode!r}")

@@ -47,6 +47,7 @@ Speed (scripts/bench/sample.py). At small batch a decode step is bound by readin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -76,6 +77,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     temperature: float = 1.0
+    plan_temperature: float | None = None  # for the plan tokens of a model with t2i_plan; None = temperature
 
     def check(self) -> SamplingParams:
         s = self.guidance_scale
@@ -91,9 +93,18 @@ class SamplingParams:
             raise MMError(f"top-k must be an integer >= 0 (0 = off), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             raise MMError(f"top-p must be in (0, 1] (1 = off), got {self.top_p}")
-        if not math.isfinite(self.temperature) or self.temperature <= 0:
-            raise MMError(f"temperature must be > 0 (use top-k 1 for greedy), got {self.temperature}")
+        for name in ("temperature", "plan_temperature"):
+            t = getattr(self, name)
+            bad = not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0
+            if bad and (name == "temperature" or t is not None):
+                raise MMError(f"{name.replace('_', ' ')} must be > 0 (use top-k 1 for greedy), got {t}")
         return self
+
+    def for_plan(self) -> SamplingParams:
+        """The settings for the plan tokens: the same, at ``plan_temperature`` when it is set."""
+        if self.plan_temperature is None:
+            return self
+        return dataclasses.replace(self, temperature=self.plan_temperature, plan_temperature=None)
 
     @property
     def uses_guidance(self) -> bool:
@@ -282,7 +293,7 @@ def sample_codes(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor, param
     """Sample (B, h, w) VQ codes.
 
     A model with a plan (``t2i_plan`` = t, or sides coarse to fine) first draws its plan tokens, with
-    the same guidance, then the codes; only the codes are returned. Noise and guidance steps count the whole sequence.
+    the same guidance (and ``params.plan_temperature`` when set), then the codes; only the codes are returned. Noise and guidance steps count the whole sequence.
 
     text: (states (B, Lt, D), mask (B, Lt)) from ``model.encode_prompt``, or None for unconditional
     samples; uncond: the negative prompt's (states, mask) for the unconditional branch (default:
@@ -299,18 +310,21 @@ def sample_codes(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor, param
     scales = guidance_scales(params, n_seq, seeds.device)  # (P+N,)
     positions = torch.arange(n_seq, device=seeds.device)  # (P+N,) tensors: no recompiles per step
     step = decode_step_fn(compile)
+    plan_params = params.for_plan()
 
     # Every step calls each layer on the same B' rows: pack the weights once for that (mm.nn.linear).
     with packed_for_rows(model, states.shape[0]):
         logits, state = model.t2i_prefill(states, mask, cache=cache)  # (B', K) for code 0 (or plan token 0)
         if cfg:
             logits = guide(logits, scales[0])
-        chosen = [choose(logits, seeds, positions[0], params)]
+        chosen = [choose(logits, seeds, positions[0], plan_params if n_plan else params)]
         if progress is not None and not n_plan:
             progress()
         for n in range(1, n_seq):
             prev = model.code_embed.plan_id(chosen[-1], n - 1) if n <= n_plan else chosen[-1]  # plan ids are offset
-            chosen.append(step(model, prev, state, seeds, positions[n], scales[n], params, cfg, n < n_plan))
+            is_plan = n < n_plan
+            chosen.append(step(model, prev, state, seeds, positions[n], scales[n], plan_params if is_plan else params,
+                               cfg, is_plan))
             if progress is not None and n >= n_plan:
                 progress()
     return torch.stack(chosen[n_plan:], dim=1).view(batch, h, w)

@@ -219,3 +219,41 @@ def test_the_run_config_takes_one_side_or_a_list():
         cfg = apply_overrides(Config(), [f"model.t2i_plan={text}", "model.preset=debug"])
         model = model_from_config(cfg.model, 100, K, (6, 6), 24)
         assert model.config.t2i_plan == sides  # one side is saved as the plain integer of older models
+
+
+def test_plan_temperature_acts_on_the_plan_tokens_only():
+    """A near-zero plan temperature draws the greedy plan (as top-k 1 everywhere does) while the codes are
+    still sampled; plan temperature 1 is the default run bit for bit."""
+    model = plan_model([2, 3])
+    p = model.code_embed.plan_len
+    states, mask = prompt(model)
+    seeds = seeds_tensor(7, 2)
+    real_step = model.t2i_step
+
+    def run(params):
+        fed = []
+
+        def spy(codes, state, plan=False):
+            fed.append(codes.clone())
+            return real_step(codes, state, plan)
+
+        model.t2i_step = spy
+        try:
+            with torch.no_grad():
+                codes = sample_codes(model, (states, mask), seeds, params)
+        finally:
+            del model.t2i_step
+        ids = torch.stack(fed, 1)  # (2, P + N - 1): what each step was fed; the first P are the plan
+        return ids[:, :p], codes
+
+    base_plan, base = run(SamplingParams(guidance_scale=2.0))
+    one_plan, one = run(SamplingParams(guidance_scale=2.0, plan_temperature=1.0))
+    cold_plan, cold = run(SamplingParams(guidance_scale=2.0, plan_temperature=1e-4))
+    greedy_plan, greedy = run(SamplingParams(guidance_scale=2.0, top_k=1))
+    assert torch.equal(one_plan, base_plan) and torch.equal(one, base)
+    assert torch.equal(cold_plan, greedy_plan) and not torch.equal(cold, greedy)  # codes still sampled
+    assert not torch.equal(base_plan, greedy_plan)  # at temperature 1 this seed leaves the greedy plan
+    assert int(cold_plan.min()) > K  # fed as plan ids (level offsets added)
+    assert SamplingParams(temperature=0.7).for_plan().temperature == 0.7
+    with pytest.raises(MMError, match="plan temperature"):
+        SamplingParams(plan_temperature=0.0).check()
