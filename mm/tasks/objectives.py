@@ -253,9 +253,11 @@ def t2i_loss(model, codes: Tensor, text_states: Tensor | None, text_mask: Tensor
     optimum is softmax ∝ w·p; the logits it returns subtract log w, so sampling sees p again.
     ``future`` (a model with a future head, ``set_t2i_future``): also the future-codes loss
     (``t2i_future_loss``), returned as the tensor ``metrics["t2i_future"]``.
-    ``plan`` (B, t, t) (a model with ``t2i_plan``: ``model.t2i_plan_tokens(images)``): the codes are
-    conditioned on it, and its own cross-entropy (mean over the t*t tokens) is returned as the
-    tensor ``metrics["t2i_plan"]``.
+    ``plan`` (B, t, t) or (B, P) (a model with ``t2i_plan``: ``model.t2i_plan_tokens(images)``): the
+    codes are conditioned on it, and its own cross-entropy is returned as the tensor
+    ``metrics["t2i_plan"]``: the mean over each plan level's tokens, summed over the levels, so a 3x3
+    level weighs as much beside a 6x6 one as it does alone (its 9 tokens decide where objects go);
+    with several levels each level's mean is also logged as ``metrics["t2i_plan{t}"]``.
     Returns (loss, metrics, per-position correct (B, N) bool).
     """
     states = model.t2i_states(codes, text_states, text_mask, plan)  # (B, P+N, D)
@@ -276,7 +278,12 @@ def t2i_loss(model, codes: Tensor, text_states: Tensor | None, text_mask: Tensor
         metrics["t2i_future"] = t2i_future_loss(model, states, codes, future_positions)
     if n_plan:
         plan_logits = model.plan_logits(plan_states).float()  # (B, P, V)
-        metrics["t2i_plan"] = F.cross_entropy(plan_logits.flatten(0, 1), plan.flatten())
+        ce = F.cross_entropy(plan_logits.transpose(1, 2), plan.flatten(1), reduction="none")  # (B, P)
+        sides = model.code_embed.plan
+        levels = [part.mean() for part in ce.split([t * t for t in sides], dim=1)]
+        metrics["t2i_plan"] = sum(levels)
+        if len(levels) > 1:
+            metrics.update({f"t2i_plan{t}": float(v.detach()) for t, v in zip(sides, levels)})
     return loss, metrics, correct
 
 

@@ -155,6 +155,19 @@ def test_plan_loss_save_load_and_errors(tmp_path):
         continue_codes(model, codes, states, mask, rows=2)
 
 
+def test_each_plan_level_counts_like_the_codes_in_the_loss():
+    model = plan_model([2, 3])
+    states, mask = prompt(model)
+    codes = torch.randint(0, K, (2, 6, 6))
+    plan = model.t2i_plan_tokens(torch.rand(2, 3, 24, 24) * 2 - 1)  # (2, 4 + 9)
+    _, metrics, _ = obj.t2i_loss(model, codes, states, mask, plan=plan)
+    logits = model.plan_logits(model.t2i_states(codes, states, mask, plan)[:, :13])
+    coarse = torch.nn.functional.cross_entropy(logits[:, :4].flatten(0, 1), plan[:, :4].flatten())
+    fine = torch.nn.functional.cross_entropy(logits[:, 4:].flatten(0, 1), plan[:, 4:].flatten())
+    torch.testing.assert_close(metrics["t2i_plan"], coarse + fine)  # not the mean over all 13 tokens
+    assert metrics["t2i_plan2"] == pytest.approx(float(coarse)) and metrics["t2i_plan3"] == pytest.approx(float(fine))
+
+
 @pytest.mark.parametrize("sides", SIDES)
 def test_probe_likelihood_counts_the_plan(sides):
     model = plan_model(sides)
