@@ -54,6 +54,7 @@ class ModelConfig:
     norm: str = ""  # layernorm | rmsnorm; empty = preset's
     image_pos: str = ""  # rope2d | learned | both; empty = preset's
     cross_pos: bool | None = None  # learned positions on every cross-attention query (needs learned|both)
+    cross_pos_patches: bool | None = None  # with cross_pos: on the understanding patches too (false: T2I codes only)
     t2i_cross: bool | None = None  # T2I codes read the text through cross-attention weights of their own
     t2i_mlp: bool | None = None  # T2I codes get MLPs of their own in every backbone block
     t2i_attn: bool | None = None  # T2I codes get self-attention of their own in every backbone block

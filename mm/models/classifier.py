@@ -64,7 +64,10 @@ class ClassifierConfig:
     @classmethod
     def from_mm_config(cls, mm_config: dict, labels: list[str], target: str = "label") -> ClassifierConfig:
         """The image side of an MMModel config (a dict of MMConfig fields) with these labels."""
-        return cls(labels=list(labels), target=target, **{k: mm_config[k] for k in IMAGE_FIELDS if k in mm_config})
+        fields = {k: mm_config[k] for k in IMAGE_FIELDS if k in mm_config}
+        if mm_config.get("cross_pos_patches") is False:  # the model's patches had plain queries
+            fields["cross_pos"] = False
+        return cls(labels=list(labels), target=target, **fields)
 
 
 class ImageClassifier(nn.Module):

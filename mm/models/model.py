@@ -83,6 +83,9 @@ class MMConfig:
     # Add the image tokens' learned positions to every cross-attention query (needs image_pos learned
     # or both; mm.models.backbone.GridPositions): position words bind 3-4x faster.
     cross_pos: bool = False
+    # With cross_pos: whether the understanding patches get the query positions too (false: only the T2I
+    # code stream, whose position words need them; understanding keeps plain queries).
+    cross_pos_patches: bool = True
     # Give the T2I code stream cross-attention weights of its own in every backbone block (self-attention
     # and MLPs stay shared); understanding keeps the first. Sharing all of it cost T2I its shape words.
     t2i_cross: bool = False
@@ -162,7 +165,7 @@ class MMModel(nn.Module):
                 raise MMError(f"model {name} must be one of {', '.join(POOLS)}, got {getattr(c, name)!r}")
         blocks = {"mlp_ratio": c.mlp_ratio, "mlp": c.mlp, "norm": c.norm, "dropout": c.dropout}
         self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.channels, c.width, c.heads, c.image_pos,
-                                      c.patch_stem, c.cross_pos)
+                                      c.patch_stem, c.cross_pos and c.cross_pos_patches)
         self.code_embed = CodeEmbed(c.codebook_size, tuple(c.code_grid), c.width, c.heads, c.image_pos, c.cross_pos,
                                     c.t2i_plan)
         t2i_own = tuple(part for part in ("attn", "cross", "mlp") if getattr(c, f"t2i_{part}"))

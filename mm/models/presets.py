@@ -87,7 +87,7 @@ def model_from_config(model_cfg, vocab_size: int, codebook_size: int, code_grid:
         if value is not None:
             over[name] = value
     for name in ("text_heads", "mlp", "norm", "image_pos", "embed_dim", "init", "itm_pool",
-                 "vqa_pool", "patch_stem", "vqa_fusion", "cross_pos", "t2i_cross", "t2i_mlp",
+                 "vqa_pool", "patch_stem", "vqa_fusion", "cross_pos", "cross_pos_patches", "t2i_cross", "t2i_mlp",
                  "t2i_attn", "t2i_text", "t2i_plan"):  # optional newer fields
         value = getattr(model_cfg, name, None)
         if value not in (None, ""):

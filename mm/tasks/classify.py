@@ -49,7 +49,7 @@ from mm.models.classifier import ClassifierConfig, ImageClassifier
 LABELS_FILE = "labels.json"
 # ModelConfig fields that shape the image side of a classifier trained from scratch.
 MODEL_FIELDS = ("width", "depth", "heads", "mlp_ratio", "patch_size", "mlp", "norm", "image_pos",
-                "patch_stem", "cross_pos")
+                "patch_stem", "cross_pos", "cross_pos_patches")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """MMModel: cached sampling equals full forward, causality, null context, save/load, gradients."""
 
+import dataclasses
 import json
 
 import pytest
@@ -382,6 +383,27 @@ def test_cross_pos_adds_unit_positions_to_the_cross_attention_queries_only():
         assert not torch.allclose(model.image_states(images, ts[:2], tm[:2]), plain.image_states(images, ts[:2], tm[:2]))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, plain.t2i_logits(codes, ts, tm))
+
+
+def test_cross_pos_for_the_codes_only_leaves_the_patches_plain():
+    from mm.models.classifier import ClassifierConfig
+
+    torch.manual_seed(0)
+    both = create_model("debug", code_grid=[3, 4], image_pos="both", cross_pos=True).eval()
+    codes_only = create_model("debug", code_grid=[3, 4], image_pos="both", cross_pos=True, cross_pos_patches=False)
+    plain = create_model("debug", code_grid=[3, 4], image_pos="both").eval()
+    codes_only.load_state_dict(both.state_dict())
+    plain.load_state_dict(both.state_dict())
+    codes_only.eval()
+    ids, mask = text(both)
+    codes = torch.randint(0, both.config.codebook_size, (B, 3, 4))
+    images = torch.rand(2, 3, both.config.image_size, both.config.image_size)
+    with torch.no_grad():
+        ts, tm = both.encode_text(ids, mask)
+        torch.testing.assert_close(codes_only.t2i_logits(codes, ts, tm), both.t2i_logits(codes, ts, tm))
+        torch.testing.assert_close(codes_only.image_states(images, ts[:2], tm[:2]), plain.image_states(images, ts[:2], tm[:2]))
+    config = ClassifierConfig.from_mm_config(dataclasses.asdict(codes_only.config), ["a", "b"])
+    assert not config.cross_pos and ClassifierConfig.from_mm_config(dataclasses.asdict(both.config), ["a"]).cross_pos
 
 
 def test_cross_pos_needs_a_learned_table_and_round_trips(tmp_path):
