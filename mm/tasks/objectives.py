@@ -254,10 +254,10 @@ def t2i_loss(model, codes: Tensor, text_states: Tensor | None, text_mask: Tensor
     ``future`` (a model with a future head, ``set_t2i_future``): also the future-codes loss
     (``t2i_future_loss``), returned as the tensor ``metrics["t2i_future"]``.
     ``plan`` (B, t, t) or (B, P) (a model with ``t2i_plan``: ``model.t2i_plan_tokens(images)``): the
-    codes are conditioned on it, and its own cross-entropy is returned as the tensor
-    ``metrics["t2i_plan"]``: the mean over each plan level's tokens, summed over the levels, so a 3x3
-    level weighs as much beside a 6x6 one as it does alone (its 9 tokens decide where objects go);
-    with several levels each level's mean is also logged as ``metrics["t2i_plan{t}"]``.
+    codes are conditioned on it, and its own cross-entropy (the mean over all plan tokens) is returned
+    as the tensor ``metrics["t2i_plan"]``; with several levels each level's mean is also logged as
+    ``metrics["t2i_plan{t}"]``. (Each level's mean summed instead, so that a 3x3 level weighs as much
+    beside a 6x6 one as alone, scored 51 against 58 % at 3,000 steps: BENCHMARKS.md, session 19.)
     Returns (loss, metrics, per-position correct (B, N) bool).
     """
     states = model.t2i_states(codes, text_states, text_mask, plan)  # (B, P+N, D)
@@ -280,10 +280,10 @@ def t2i_loss(model, codes: Tensor, text_states: Tensor | None, text_mask: Tensor
         plan_logits = model.plan_logits(plan_states).float()  # (B, P, V)
         ce = F.cross_entropy(plan_logits.transpose(1, 2), plan.flatten(1), reduction="none")  # (B, P)
         sides = model.code_embed.plan
-        levels = [part.mean() for part in ce.split([t * t for t in sides], dim=1)]
-        metrics["t2i_plan"] = sum(levels)
-        if len(levels) > 1:
-            metrics.update({f"t2i_plan{t}": float(v.detach()) for t, v in zip(sides, levels)})
+        metrics["t2i_plan"] = ce.mean()
+        if len(sides) > 1:
+            levels = ce.detach().split([t * t for t in sides], dim=1)
+            metrics.update({f"t2i_plan{t}": float(v.mean()) for t, v in zip(sides, levels)})
     return loss, metrics, correct
 
 

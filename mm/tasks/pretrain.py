@@ -251,7 +251,7 @@ class PretrainTask:
         if t2i_n:
             out.update(t2i_loss=t2i_sum / t2i_n, t2i_acc=t2i_correct / t2i_n)
             if m.code_embed.plan:  # per plan token, kept apart so t2i_loss compares across models
-                out["t2i_plan_loss"] = plan_sum / t2i_images  # summed over levels: see obj.t2i_loss
+                out["t2i_plan_loss"] = plan_sum / t2i_images
                 out.update({k: v / t2i_images for k, v in level_sums.items()})
         return out
 
