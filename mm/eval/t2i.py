@@ -282,9 +282,10 @@ def cli_eval_t2i(args: argparse.Namespace) -> int:
         raise MMError(f"--guidance must be >= 0 (1 = no guidance), got {args.guidance}")
     if args.seed < 0:
         raise MMError(f"--seed must be >= 0, got {args.seed}")
-    if args.top_k < 0 or not args.temperature > 0 or not (args.plan_temperature or 1.0) > 0:
-        raise MMError(f"--top-k must be >= 0 and --temperature / --plan-temperature > 0, got {args.top_k}, "
-                      f"{args.temperature} and {args.plan_temperature}")
+    if args.top_k < 0 or not args.temperature > 0:
+        raise MMError(f"--top-k must be >= 0 and --temperature > 0, got {args.top_k} and {args.temperature}")
+    if args.plan_temperature is not None and not args.plan_temperature > 0:
+        raise MMError(f"--plan-temperature must be > 0 (leave it out to use --temperature), got {args.plan_temperature}")
     pipe = TextToImagePipeline.from_pretrained(args.model)
     features = InceptionFeatures(args.inception, pipe.device) if args.inception else None
     size = pipe.model.config.image_size

@@ -293,7 +293,8 @@ def sample_codes(model, text: tuple[Tensor, Tensor] | None, seeds: Tensor, param
     """Sample (B, h, w) VQ codes.
 
     A model with a plan (``t2i_plan`` = t, or sides coarse to fine) first draws its plan tokens, with
-    the same guidance (and ``params.plan_temperature`` when set), then the codes; only the codes are returned. Noise and guidance steps count the whole sequence.
+    the same guidance (and ``params.plan_temperature`` when set), then the codes; only the codes are
+    returned. Noise and guidance steps count the whole sequence.
 
     text: (states (B, Lt, D), mask (B, Lt)) from ``model.encode_prompt``, or None for unconditional
     samples; uncond: the negative prompt's (states, mask) for the unconditional branch (default:

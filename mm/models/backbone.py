@@ -195,7 +195,7 @@ def plan_sides(plan: int | list[int] | tuple[int, ...]) -> tuple[int, ...]:
     sides = [plan] if isinstance(plan, int) and not isinstance(plan, bool) else plan
     if not isinstance(sides, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in sides):
         raise MMError(f"model t2i_plan must be an integer >= 0 or a list of sides, e.g. [3, 6]; got {plan!r}")
-    sides = tuple(t for t in sides if t != 0) if len(sides) == 1 else tuple(sides)
+    sides = () if list(sides) == [0] else tuple(sides)
     if any(t <= 0 for t in sides) or any(a >= b for a, b in itertools.pairwise(sides)):
         raise MMError(f"model t2i_plan sides must be > 0 and increase (coarse to fine), e.g. [3, 6]; got {plan!r}")
     return sides

@@ -218,8 +218,8 @@ class PretrainTask:
         val set, caption loss, T2I loss and code accuracy."""
         m = self.model
         img_emb, txt_emb, captions, metas = [], [], [], []
-        cap_sum = cap_n = t2i_sum = t2i_correct = t2i_n = plan_sum = t2i_images = 0.0
-        level_sums: dict[str, float] = {}  # each level's plan loss (several levels) x images
+        cap_sum = cap_n = t2i_sum = t2i_correct = t2i_n = t2i_images = 0.0
+        plan_sums: dict[str, float] = {}  # t2i_plan (and each level's t2i_plan{t}) x images
         for batch in batches:
             images, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"].bool()
             image_states = m.image_states(images) if {"itc", "caption"} & set(self.active) else None
@@ -235,9 +235,8 @@ class PretrainTask:
             if "t2i" in self.active:
                 states, tmask = m.encode_prompt(ids, mask)
                 loss, mt, correct = obj.t2i_loss(m, self.codes(batch), states, tmask, plan=m.t2i_plan_tokens(images))
-                plan_sum += float(mt.get("t2i_plan", 0.0)) * correct.shape[0]
-                for t in m.code_embed.plan if len(m.code_embed.plan) > 1 else ():
-                    level_sums[f"t2i_plan{t}_loss"] = level_sums.get(f"t2i_plan{t}_loss", 0.0) + mt[f"t2i_plan{t}"] * correct.shape[0]
+                for key in (k for k in mt if k.startswith("t2i_plan")):
+                    plan_sums[key] = plan_sums.get(key, 0.0) + float(mt[key]) * correct.shape[0]
                 t2i_images += correct.shape[0]
                 t2i_sum += float(loss) * correct.numel()
                 t2i_correct += float(correct.sum())
@@ -250,9 +249,8 @@ class PretrainTask:
             out["caption_loss"] = cap_sum / cap_n
         if t2i_n:
             out.update(t2i_loss=t2i_sum / t2i_n, t2i_acc=t2i_correct / t2i_n)
-            if m.code_embed.plan:  # per plan token, kept apart so t2i_loss compares across models
-                out["t2i_plan_loss"] = plan_sum / t2i_images
-                out.update({k: v / t2i_images for k, v in level_sums.items()})
+            # per plan token, kept apart so t2i_loss compares across models
+            out.update({f"{k}_loss": v / t2i_images for k, v in plan_sums.items()})
         return out
 
     @torch.no_grad()
