@@ -155,6 +155,9 @@ class ObjectivesConfig:
     ratios: list[float] = field(default_factory=list)  # for mixing=sample, order itc,itm,caption,t2i
     cfg_dropout: float = 0.1  # probability that T2I sees the null text context
     t2i_object_weight: float = 1.0  # T2I loss weight of codes that draw objects (boxes in the json); 1 = uniform
+    # The same for the tokens of a T2I plan (model.t2i_plan): plan token v weighs 1 + (w - 1)·f_v, f_v the
+    # share of its occurrences in blocks an object box touches; the plan logits stay calibrated.
+    t2i_plan_object_weight: float = 1.0
     hard_negatives: bool = True
     # Weight of T2I's future-codes loss (mm.tasks.objectives.t2i_future_loss): each state also predicts
     # which codes are still to come (in each of regions x regions parts of the code grid), at every
@@ -422,6 +425,8 @@ def validate(cfg: Config) -> Config:
         ("objectives.mixing", cfg.objectives.mixing in ("all", "sample"), "must be all or sample"),
         ("objectives.cfg_dropout", 0.0 <= cfg.objectives.cfg_dropout <= 1.0, "must be in [0, 1]"),
         ("objectives.t2i_object_weight", cfg.objectives.t2i_object_weight >= 1.0, "must be >= 1 (1 = uniform)"),
+        ("objectives.t2i_plan_object_weight", cfg.objectives.t2i_plan_object_weight >= 1.0,
+         "must be >= 1 (1 = uniform)"),
         ("objectives.t2i_future", cfg.objectives.t2i_future >= 0.0, "must be >= 0 (0 = off)"),
         ("objectives.t2i_future_regions", cfg.objectives.t2i_future_regions >= 1, "must be >= 1"),
         ("objectives.t2i_future_positions", cfg.objectives.t2i_future_positions >= 0, "must be >= 0 (0 = all)"),

@@ -101,6 +101,8 @@ def decode_weights(model: nn.Module, kind: str) -> nn.Module:
     out.t2i_head = Fp32Head(model.t2i_head)  # K·D weights: small next to the blocks
     if getattr(model.config, "t2i_code_weights", False):  # the logit correction stays exact
         out.t2i_log_weight = model.t2i_log_weight.detach().clone()
+    if getattr(model.config, "t2i_plan_weights", False):
+        out.t2i_plan_log_weight = model.t2i_plan_log_weight.detach().clone()
     return out
 
 

@@ -131,6 +131,9 @@ class MMConfig:
     # A list of sides, e.g. [3, 6], draws the plans coarse to fine: 3x3 places the objects, 6x6 (a
     # silhouette at 8 px per cell) settles their shapes, then the codes.
     t2i_plan: int | list[int] = 0
+    # The plan trained with per-token loss weights (objectives.t2i_plan_object_weight), exactly as
+    # t2i_code_weights does for the codes: a (PLAN_VOCAB,) log w buffer subtracted from the plan logits.
+    t2i_plan_weights: bool = False
 
     @classmethod
     def from_dict(cls, data: dict) -> MMConfig:
@@ -181,6 +184,8 @@ class MMModel(nn.Module):
         self.t2i_plan_head = Linear(c.width, PLAN_VOCAB) if self.code_embed.plan else None
         if c.t2i_code_weights:
             self.register_buffer("t2i_log_weight", torch.zeros(c.codebook_size))  # (K,) log w
+        if c.t2i_plan_weights:
+            self.register_buffer("t2i_plan_log_weight", torch.zeros(PLAN_VOCAB))  # (V,) log w
         self.t2i_future_head = self._future_head(c.t2i_future_regions) if c.t2i_future_regions else None
         self.vqa_pool = Pool(c.vqa_pool, c.width, c.heads) if c.vqa_answers else None
         self.vqa_reader = self._vqa_reader() if c.vqa_answers else None
@@ -356,13 +361,21 @@ class MMModel(nn.Module):
 
     def set_t2i_code_weights(self, weights: Tensor) -> None:
         """Train T2I with per-code loss weights (K,) > 0 (see ``t2i_code_weights``); logits stay calibrated."""
-        c = self.config
-        if weights.shape != (c.codebook_size,) or not bool((weights > 0).all()):
-            raise MMError(f"T2I code weights must be {c.codebook_size} positive numbers, got shape {tuple(weights.shape)}")
-        if not c.t2i_code_weights:
-            self.register_buffer("t2i_log_weight", torch.zeros(c.codebook_size, device=self.logit_scale.device))
-            c.t2i_code_weights = True
-        self.t2i_log_weight.copy_(weights.log())
+        self._set_log_weights("t2i_code_weights", "t2i_log_weight", weights, self.config.codebook_size, "code")
+
+    def set_t2i_plan_weights(self, weights: Tensor) -> None:
+        """Train the plan with per-token loss weights (PLAN_VOCAB,) > 0 (see ``t2i_plan_weights``)."""
+        if self.t2i_plan_head is None:
+            raise MMError("plan weights need a model with a T2I plan (model.t2i_plan)")
+        self._set_log_weights("t2i_plan_weights", "t2i_plan_log_weight", weights, PLAN_VOCAB, "plan")
+
+    def _set_log_weights(self, flag: str, buffer: str, weights: Tensor, n: int, what: str) -> None:
+        if weights.shape != (n,) or not bool((weights > 0).all()):
+            raise MMError(f"T2I {what} weights must be {n} positive numbers, got shape {tuple(weights.shape)}")
+        if not getattr(self.config, flag):
+            self.register_buffer(buffer, torch.zeros(n, device=self.logit_scale.device))
+            setattr(self.config, flag, True)
+        getattr(self, buffer).copy_(weights.log())
 
     def _future_head(self, regions: int) -> nn.Module:
         grid = self.config.code_grid
@@ -389,7 +402,8 @@ class MMModel(nn.Module):
     def plan_logits(self, h: Tensor) -> Tensor:
         if self.t2i_plan_head is None:
             raise MMError("this model has no T2I plan (model.t2i_plan is 0)")
-        return self.t2i_plan_head(h)  # (..., PLAN_VOCAB)
+        logits = self.t2i_plan_head(h)  # (..., PLAN_VOCAB)
+        return logits - self.t2i_plan_log_weight.to(logits.dtype) if self.config.t2i_plan_weights else logits
 
     def t2i_plan_tokens(self, images: Tensor) -> Tensor | None:
         """images (B, C, H, W) in [-1, 1] -> the plan the model is taught, (B, t, t) for one side t, (B, P)

@@ -254,8 +254,9 @@ def t2i_loss(model, codes: Tensor, text_states: Tensor | None, text_mask: Tensor
     ``future`` (a model with a future head, ``set_t2i_future``): also the future-codes loss
     (``t2i_future_loss``), returned as the tensor ``metrics["t2i_future"]``.
     ``plan`` (B, t, t) or (B, P) (a model with ``t2i_plan``: ``model.t2i_plan_tokens(images)``): the
-    codes are conditioned on it, and its own cross-entropy (the mean over all plan tokens) is returned
-    as the tensor ``metrics["t2i_plan"]``; with several levels each level's mean is also logged as
+    codes are conditioned on it, and its own cross-entropy (the mean over all plan tokens; w-weighted
+    as the codes' for a model with plan weights, ``set_t2i_plan_weights``) is returned as the tensor
+    ``metrics["t2i_plan"]``; with several levels each level's mean is also logged as
     ``metrics["t2i_plan{t}"]``. (Each level's mean summed instead, so that a 3x3 level weighs as much
     beside a 6x6 one as alone, scored 51 against 58 % at 3,000 steps: BENCHMARKS.md, session 19.)
     Returns (loss, metrics, per-position correct (B, N) bool).
@@ -277,11 +278,18 @@ def t2i_loss(model, codes: Tensor, text_states: Tensor | None, text_mask: Tensor
     if future:
         metrics["t2i_future"] = t2i_future_loss(model, states, codes, future_positions)
     if n_plan:
-        plan_logits = model.plan_logits(plan_states).float()  # (B, P, V)
-        ce = F.cross_entropy(plan_logits.transpose(1, 2), plan.flatten(1), reduction="none")  # (B, P)
+        plan_logits = model.plan_logits(plan_states).float()  # (B, P, V), calibrated
+        targets = plan.flatten(1)  # (B, P)
+        ce = F.cross_entropy(plan_logits.transpose(1, 2), targets, reduction="none")  # (B, P)
         sides = model.code_embed.plan
-        metrics["t2i_plan"] = ce.mean()
-        if len(sides) > 1:
+        if not getattr(model.config, "t2i_plan_weights", False):
+            metrics["t2i_plan"] = ce.mean()
+        else:  # as for the codes: weighted CE of the raw logits
+            log_w = model.t2i_plan_log_weight.float()  # (V,)
+            raw = F.cross_entropy((plan_logits + log_w).transpose(1, 2), targets, reduction="none")  # (B, P)
+            w = log_w.exp()[targets]  # (B, P)
+            metrics["t2i_plan"] = (raw * w).sum() / w.sum()
+        if len(sides) > 1:  # each level's calibrated CE (comparable with or without weights)
             levels = ce.detach().split([t * t for t in sides], dim=1)
             metrics.update({f"t2i_plan{t}": float(v.mean()) for t, v in zip(sides, levels)})
     return loss, metrics, correct

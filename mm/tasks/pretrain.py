@@ -83,9 +83,16 @@ class PretrainTask:
         self.model = model_from_config(cfg.model, self.tokenizer.vocab_size, codebook, grid,
                                        cfg.data.image_size, cfg.data.text_max_len)
         self._vq = None  # frozen, loaded lazily, never part of self.model
-        weight = cfg.objectives.t2i_object_weight
-        if weight != 1.0 and "t2i" in self.active:
-            self.model.set_t2i_code_weights(self.code_weights(weight))
+        weight, plan_weight = cfg.objectives.t2i_object_weight, cfg.objectives.t2i_plan_object_weight
+        if plan_weight != 1.0 and not self.model.code_embed.plan:
+            raise MMError("objectives.t2i_plan_object_weight needs a model with a T2I plan (model.t2i_plan); "
+                          "set it to 1 or give the model a plan")
+        if (weight != 1.0 or plan_weight != 1.0) and "t2i" in self.active:
+            codes, plan = self.object_weights(weight, plan_weight)
+            if weight != 1.0:
+                self.model.set_t2i_code_weights(codes)
+            if plan_weight != 1.0:
+                self.model.set_t2i_plan_weights(plan)
         self.future = cfg.objectives.t2i_future if "t2i" in self.active else 0.0
         if self.future:
             self.model.set_t2i_future(cfg.objectives.t2i_future_regions)
@@ -127,9 +134,12 @@ class PretrainTask:
         return self._vq.to(device)
 
     @torch.no_grad()
-    def code_weights(self, weight: float, max_samples: int = 2048) -> torch.Tensor:
+    def object_weights(self, weight: float, plan_weight: float, max_samples: int = 2048
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-code T2I loss weights (K,): 1 + (weight - 1)·f_c, where f_c is the share of code c's
-        occurrences that fall inside an object box, over the first ``max_samples`` train images.
+        occurrences that fall inside an object box, over the first ``max_samples`` train images; and
+        the same with ``plan_weight`` for the plan's tokens (PLAN_VOCAB,) over the blocks of every plan
+        level (None for a model without a plan).
 
         The codes that draw objects carry what a prompt asks for, but most codes of a shapes image
         are background texture; weighting by code (not by position) keeps the correction of the
@@ -137,21 +147,29 @@ class PretrainTask:
         (``objects[].bbox``, as the shapes data has).
         """
         from mm.data.pipeline import make_loader
+        from mm.models.backbone import PLAN_VOCAB, plan_tokens
 
-        grid, size = tuple(self.model.config.code_grid), self.cfg.data.image_size
-        codes, inside, seen = [], [], 0
+        m, size = self.model, self.cfg.data.image_size
+        grids = [tuple(m.config.code_grid)] + [(t, t) for t in m.code_embed.plan]
+        tokens, inside, seen = [[] for _ in grids], [[] for _ in grids], 0
         for batch in make_loader(list(self.cfg.data.train), batch_size=64, seed=0, train=False, image_size=size,
                                  mode="image"):
-            boxes = obj.object_weights(batch["meta"], grid, size, 2.0)  # (B, N): 2 inside a box, else 1
-            if boxes is None:
-                raise MMError("objectives.t2i_object_weight needs object boxes in the train shards' json "
-                              "(objects[].bbox, as the shapes data has); set it to 1 for other data")
-            codes.append(self.codes(batch).flatten(1).cpu())  # (B, N)
-            inside.append(boxes > 1)
-            seen += codes[-1].shape[0]
+            for i, grid in enumerate(grids):
+                boxes = obj.object_weights(batch["meta"], grid, size, 2.0)  # (B, h*w): 2 inside a box, else 1
+                if boxes is None:
+                    raise MMError("objectives.t2i_object_weight needs object boxes in the train shards' json "
+                                  "(objects[].bbox, as the shapes data has); set it to 1 for other data")
+                inside[i].append(boxes > 1)
+                grid_tokens = self.codes(batch) if i == 0 else plan_tokens(batch["image"], grid[0])  # (B, h, w)
+                tokens[i].append(grid_tokens.flatten(1).cpu())
+            seen += tokens[0][-1].shape[0]
             if seen >= max_samples:
                 break
-        return obj.object_code_weights(torch.cat(codes), torch.cat(inside), self.model.config.codebook_size, weight)
+        code_w = obj.object_code_weights(torch.cat(tokens[0]), torch.cat(inside[0]), m.config.codebook_size, weight)
+        if len(grids) == 1:
+            return code_w, None
+        plan, plan_inside = (torch.cat([torch.cat(x[i]) for i in range(1, len(grids))], 1) for x in (tokens, inside))
+        return code_w, obj.object_code_weights(plan, plan_inside, PLAN_VOCAB, plan_weight)
 
     @torch.no_grad()
     def codes(self, batch: dict) -> torch.Tensor:

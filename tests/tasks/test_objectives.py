@@ -246,6 +246,47 @@ def test_t2i_code_weights_are_computed_from_object_boxes_saved_and_used_by_sampl
     assert not plain.config.t2i_code_weights and not hasattr(plain, "t2i_log_weight")
 
 
+def test_t2i_plan_weights_are_computed_per_plan_token_trained_weighted_and_leave_calibrated_logits(tmp_path,
+                                                                                                   shapes_shards):
+    """objectives.t2i_plan_object_weight does for the plan's tokens what t2i_object_weight does for the
+    codes: weights 1 + (w - 1)·f_v from the object boxes over every plan level, the weighted CE of the
+    raw plan logits as the plan loss, logits minus log w everywhere else (sampling, saving, bf16)."""
+    from mm.errors import MMError
+    from mm.generation.weights import decode_weights
+    from mm.models.model import MMModel
+
+    cfg = tiny_config(tmp_path, t2i_plan_object_weight=6.0)
+    cfg.model.t2i_plan = [2, 4]
+    cfg.data.train = [str(shapes_shards / "train")]
+    m = PretrainTask(cfg).model
+    assert m.config.t2i_plan_weights and not m.config.t2i_code_weights  # the codes keep uniform weights
+    w = m.t2i_plan_log_weight.exp()  # (V,)
+    assert float(w.min()) >= 1.0 - 1e-6 and float(w.max()) <= 6.0 + 1e-5 and float(w.max()) > 2.0
+    torch.manual_seed(0)
+    codes = torch.randint(0, m.config.codebook_size, (3, *m.config.code_grid))
+    plan = torch.randint(0, w.numel(), (3, 20))
+    states, mask = m.null_context(3)
+    _, mt, _ = obj.t2i_loss(m, codes, states, mask, plan=plan)
+    hidden = m.t2i_states(codes, states, mask, plan)[:, :20]  # (B, P, D)
+    raw = m.t2i_plan_head(hidden).float()  # (B, P, V)
+    assert torch.allclose(m.plan_logits(hidden), raw - m.t2i_plan_log_weight, atol=1e-5)
+    ce_raw = F.cross_entropy(raw.transpose(1, 2), plan, reduction="none")  # (B, P)
+    wy = w[plan]
+    assert float(mt["t2i_plan"].detach()) == pytest.approx(float((ce_raw * wy).sum() / wy.sum()), rel=1e-5)
+    calibrated = F.cross_entropy((raw - m.t2i_plan_log_weight).transpose(1, 2), plan, reduction="none")
+    assert mt["t2i_plan4"] == pytest.approx(float(calibrated[:, 4:].mean()), rel=1e-5)  # levels log calibrated CE
+    logits, _ = m.t2i_prefill(states, mask)  # the first plan token, as sampling sees it
+    assert torch.allclose(logits, m.plan_logits(hidden[:, 0]), atol=1e-5)
+    m.save_pretrained(tmp_path / "saved")
+    back = MMModel.from_pretrained(tmp_path / "saved")
+    assert back.config.t2i_plan_weights and torch.equal(back.t2i_plan_log_weight, m.t2i_plan_log_weight)
+    bf16 = decode_weights(back, "bf16")
+    assert bf16.t2i_plan_log_weight.dtype == torch.float32
+    cfg.model.t2i_plan = 0
+    with pytest.raises(MMError, match="needs a model with a T2I plan"):
+        PretrainTask(cfg)
+
+
 def naive_future_targets(codes, positions, regions, k):
     """Explicit loops: code k is to come in region j after position p."""
     b, h, w = codes.shape
