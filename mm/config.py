@@ -110,7 +110,9 @@ class DataConfig:
     shapes_cache: str = ""  # where built-in shards are written; empty = ~/.cache/mm
     val_samples: int = 512  # validation samples used per evaluation
     vqa_balance: float = 0.0  # vqa training: question-type frequencies f -> f^(1 - this); 1 = all types equal
-    captions: str = "first"  # training caption: first (the .txt) | random | complete (of the json captions)
+    # training caption: first (the .txt) | random | complete (of the json captions) | placed (complete
+    # ones that say where, when an image has one: mm.data.pipeline.choose_caption)
+    captions: str = "first"
 
 
 @dataclass
@@ -417,7 +419,8 @@ def validate(cfg: Config) -> Config:
         ("data.text_max_len", cfg.data.text_max_len >= 4, "must be >= 4"),
         ("data.num_workers", cfg.data.num_workers >= 0, "must be >= 0"),
         ("data.vqa_balance", 0.0 <= cfg.data.vqa_balance <= 1.0, "must be in [0, 1] (0 off, 1 all question types equal)"),
-        ("data.captions", cfg.data.captions in ("first", "random", "complete"), "must be first, random or complete"),
+        ("data.captions", cfg.data.captions in ("first", "random", "complete", "placed"),
+         "must be first, random, complete or placed"),
         ("vq.downsample", cfg.vq.downsample in (4, 8, 16), "must be 4, 8 or 16"),
         ("vq.codebook_size", cfg.vq.codebook_size >= 2, "must be >= 2"),
         ("vq.quantizer", cfg.vq.quantizer in ("l2", "ema"), "must be l2 or ema"),

@@ -42,7 +42,7 @@ from mm.errors import MMError
 
 MODES = ("image", "caption", "vqa")
 # Which of a sample's captions (its json ``captions`` list, else the .txt) a training batch uses.
-CAPTION_CHOICES = ("first", "random", "complete")
+CAPTION_CHOICES = ("first", "random", "complete", "placed")
 MAX_BAD_IN_A_ROW = 10_000
 
 
@@ -318,20 +318,23 @@ def _decode(plan: _Plan, item: dict, epoch: int):
 
 def choose_caption(item: dict, how: str, seed: int, epoch: int) -> str:
     """The caption a training item uses this epoch: its first (the .txt), one of its json
-    ``captions`` at random, or one at random of those that name every object (shapes
-    metadata; any caption when none does or the metadata is not shapes'). Seeded by (seed,
-    epoch, sample key) only, so a resumed stream picks the same ones."""
+    ``captions`` at random, or one at random of those that name every object (``complete``:
+    shapes metadata; any caption when none does or the metadata is not shapes'), and of those
+    the ones that also say where (``placed``: a place or a relation, when one does). Seeded by
+    (seed, epoch, sample key) only, so a resumed stream picks the same ones."""
     meta = item.get("meta") or {}
     options = meta.get("captions")
     if how == "first" or not isinstance(options, list) or not options or \
             not all(isinstance(c, str) and c.strip() for c in options):
         return item["caption"]
-    if how == "complete":
-        from mm.data.shapes_truth import is_shapes_meta, names_every_object
+    if how in ("complete", "placed"):
+        from mm.data.shapes_truth import is_shapes_meta, names_every_object, parse_caption
 
         if is_shapes_meta(meta):
             try:
                 options = [c for c in options if names_every_object(c, meta)] or options
+                if how == "placed":
+                    options = [c for c in options if parse_caption(c).kind != "listing"] or options
             except ValueError:  # a caption outside the shapes grammar: no way to tell, keep all
                 pass
     return options[random.Random(sample_seed(seed, "caption", epoch, item["__key__"])).randrange(len(options))]

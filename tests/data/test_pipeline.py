@@ -327,7 +327,7 @@ def test_builtin_shapes_with_the_real_tokenizer(shapes_shards, tmp_path):
 def test_caption_choice_first_random_complete_and_resume(tmp_path):
     from mm.data.pipeline import choose_caption
     from mm.data.shapes import make_sample
-    from mm.data.shapes_truth import caption_true_of, names_every_object
+    from mm.data.shapes_truth import caption_true_of, names_every_object, parse_caption
 
     with ShardWriter(tmp_path, "shapes", samples_per_shard=100) as w:
         samples = [make_sample(0, "train", i, 48) for i in range(40)]
@@ -337,7 +337,7 @@ def test_caption_choice_first_random_complete_and_resume(tmp_path):
     kw = {"batch_size": 8, "seed": 3, "tokenizer": ByteTokenizer(), "text_max_len": 200}
     first = [b for b in islice(make_loader([str(tmp_path)], **kw), 10)]
     assert all(c == metas[k]["captions"][0] for b in first for k, c in zip(b["key"], b["caption"]))
-    for how in ("random", "complete"):
+    for how in ("random", "complete", "placed"):
         loader = make_loader([str(tmp_path)], captions=how, **kw)
         full = list(islice(loader, 15))  # three epochs of 5 batches
         picked = {}
@@ -345,9 +345,13 @@ def test_caption_choice_first_random_complete_and_resume(tmp_path):
             for k, c in zip(b["key"], b["caption"]):
                 meta = metas[k]
                 assert c in meta["captions"] and caption_true_of(c, meta)
-                if how == "complete":
+                if how in ("complete", "placed"):
                     assert names_every_object(c, meta) or not any(
                         names_every_object(o, meta) for o in meta["captions"])
+                if how == "placed":  # says where whenever a complete caption of the image does
+                    complete = [o for o in meta["captions"] if names_every_object(o, meta)]
+                    assert parse_caption(c).kind != "listing" or all(
+                        parse_caption(o).kind == "listing" for o in complete)
                 picked.setdefault(k, set()).add(c)
         assert any(len(v) > 1 for v in picked.values())  # a new draw per epoch
         resumed = list(islice(make_loader([str(tmp_path)], captions=how, start_batch=7, **kw), 8))
@@ -365,6 +369,12 @@ def test_caption_choice_first_random_complete_and_resume(tmp_path):
     item = {"__key__": "k", "caption": meta["captions"][0], "meta": meta}
     assert {choose_caption(item, "complete", s, 0) for s in range(20)} == {meta["captions"][1]}
     assert len({choose_caption(item, "random", s, 0) for s in range(20)}) == 2
+    # placed prefers, among the complete ones, a caption that says where
+    placed = "a red circle in the top left, a blue square in the bottom right and a green square in the top right"
+    meta = {**meta, "captions": [*meta["captions"], placed]}
+    item = {**item, "meta": meta}
+    assert {choose_caption(item, "placed", s, 0) for s in range(20)} == {meta["captions"][2]}
+    assert len({choose_caption(item, "complete", s, 0) for s in range(20)}) == 2
     assert choose_caption({"__key__": "x", "caption": "plain", "meta": {}}, "complete", 0, 0) == "plain"
     with pytest.raises(MMError, match="data.captions"):
         make_loader([str(tmp_path)], captions="all", **kw)
