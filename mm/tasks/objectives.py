@@ -243,6 +243,16 @@ def object_weights(metas: list, grid: tuple[int, int], image_size: int, weight: 
     return out.flatten(1)  # (B, N)
 
 
+def weighted_ce(logits: Tensor, targets: Tensor, log_w: Tensor) -> Tensor:
+    """sum_y w_y·CE / sum_y w_y of the raw logits (calibrated ``logits`` (B, N, V) + log w (V,)), the
+    loss of a model trained with per-token weights w: its optimum is softmax ∝ w·p, so the calibrated
+    logits give p. targets (B, N)."""
+    log_w = log_w.float()
+    ce = F.cross_entropy((logits + log_w).transpose(1, 2), targets, reduction="none")  # (B, N)
+    w = log_w.exp()[targets]  # (B, N)
+    return (ce * w).sum() / w.sum()
+
+
 def t2i_loss(model, codes: Tensor, text_states: Tensor | None, text_mask: Tensor | None,
              future: bool = False, future_positions: int = 0, plan: Tensor | None = None
              ) -> tuple[Tensor, dict[str, float], Tensor]:
@@ -269,10 +279,7 @@ def t2i_loss(model, codes: Tensor, text_states: Tensor | None, text_mask: Tensor
     if not getattr(model.config, "t2i_code_weights", False):
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     else:
-        log_w = model.t2i_log_weight.float()  # (K,)
-        ce = F.cross_entropy((logits + log_w).transpose(1, 2), targets, reduction="none")  # (B, N)
-        w = log_w.exp()[targets]  # (B, N)
-        loss = (ce * w).sum() / w.sum()
+        loss = weighted_ce(logits, targets, model.t2i_log_weight)
     correct = logits.argmax(-1) == targets
     metrics = {"t2i_acc": float(correct.float().mean())}
     if future:
@@ -284,11 +291,8 @@ def t2i_loss(model, codes: Tensor, text_states: Tensor | None, text_mask: Tensor
         sides = model.code_embed.plan
         if not getattr(model.config, "t2i_plan_weights", False):
             metrics["t2i_plan"] = ce.mean()
-        else:  # as for the codes: weighted CE of the raw logits
-            log_w = model.t2i_plan_log_weight.float()  # (V,)
-            raw = F.cross_entropy((plan_logits + log_w).transpose(1, 2), targets, reduction="none")  # (B, P)
-            w = log_w.exp()[targets]  # (B, P)
-            metrics["t2i_plan"] = (raw * w).sum() / w.sum()
+        else:  # as for the codes
+            metrics["t2i_plan"] = weighted_ce(plan_logits, targets, model.t2i_plan_log_weight)
         if len(sides) > 1:  # each level's calibrated CE (comparable with or without weights)
             levels = ce.detach().split([t * t for t in sides], dim=1)
             metrics.update({f"t2i_plan{t}": float(v.mean()) for t, v in zip(sides, levels)})

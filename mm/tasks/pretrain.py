@@ -157,8 +157,9 @@ class PretrainTask:
             for i, grid in enumerate(grids):
                 boxes = obj.object_weights(batch["meta"], grid, size, 2.0)  # (B, h*w): 2 inside a box, else 1
                 if boxes is None:
-                    raise MMError("objectives.t2i_object_weight needs object boxes in the train shards' json "
-                                  "(objects[].bbox, as the shapes data has); set it to 1 for other data")
+                    raise MMError("objectives.t2i_object_weight and t2i_plan_object_weight need object boxes in the "
+                                  "train shards' json (objects[].bbox, as the shapes data has); set them to 1 for "
+                                  "other data")
                 inside[i].append(boxes > 1)
                 grid_tokens = self.codes(batch) if i == 0 else plan_tokens(batch["image"], grid[0])  # (B, h, w)
                 tokens[i].append(grid_tokens.flatten(1).cpu())
