@@ -27,7 +27,6 @@ import io
 import json
 import math
 import random
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -36,7 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mm.data.shards import expand_shards, qa_question_type, questions_of, read_sizes
+from mm.data.shards import (
+    expand_shards,
+    qa_question_type,
+    questions_of,
+    read_shard,
+    read_sizes,
+    shard_metadata,
+)
 from mm.data.transforms import check_sample, image_key, load_image, sample_seed, to_tensor
 from mm.errors import MMError
 
@@ -69,72 +75,6 @@ class _Plan:
     start_batch: int
     keep: tuple[tuple[str, float], ...] = ()  # vqa train: question type -> keep probability
     captions: str = "first"  # train: one of CAPTION_CHOICES (eval always reads the first)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading shards
-
-
-def _shard_error(exn: Exception) -> str:
-    return "truncated_shard" if isinstance(exn, (tarfile.TarError, EOFError)) else "unreadable_shard"
-
-
-def read_shard(url: str, counts: Counter | None, expected: int | None = None):
-    """Raw samples ({"__key__", ext: bytes}) of one tar; a broken tar ends early and is counted.
-
-    ``counts`` is None when another slot counts this shard's errors (several slots may read
-    the same shard). tarfile cannot tell a cut-off tar from a normal end, so a tar with fewer
-    samples than ``sizes.json`` promises is counted as truncated and its last sample dropped.
-    """
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
-
-    stream, current, n = None, None, 0
-    try:
-        stream = gopen(url)
-        for f in tar_file_iterator(stream):
-            prefix, suffix = base_plus_ext(f["fname"])
-            if prefix is None:
-                continue
-            if current is not None and prefix != current["__key__"]:
-                n += 1
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": prefix, "__url__": url}
-            current[suffix.lower()] = f["data"]
-        # tarfile's stream mode ends quietly when a tar is cut off, so sizes.json is the judge;
-        # in a short shard the last sample is where the cut is: drop it (its data may be partial).
-        short = expected is not None and n + (current is not None) < expected
-        if current is not None and not short:
-            yield current
-        if short and counts is not None:
-            counts["truncated_shard"] += 1
-    except Exception as exn:  # noqa: BLE001 - tarfile, gzip and pipes raise many kinds; the partial
-        # sample at the break is dropped with the rest
-        if counts is not None:
-            counts[_shard_error(exn)] += 1
-    finally:
-        try:
-            if stream is not None:
-                stream.close()
-        except Exception:  # noqa: BLE001, S110 - a pipe: closed early reports a broken pipe
-            pass
-
-
-def shard_metadata(sources: list[str]):
-    """Each sample's metadata dict (its ``json``), in shard order over ``sources``; None for a sample
-    whose json is missing or unreadable. Label and answer vocabularies are built from this."""
-    from mm.data.shards import expand_shards
-
-    for source in sources:
-        for url in expand_shards(source):
-            for sample in read_shard(url, None):
-                try:
-                    meta = json.loads(sample.get("json", b"{}"))
-                except (ValueError, UnicodeDecodeError):
-                    meta = None
-                yield meta if isinstance(meta, dict) else None
 
 
 def _expand_vqa(sample: dict):

@@ -211,8 +211,7 @@ def t2i_ceiling(vq, num_prompts: int, image_size: int, seed: int = 0, renders_pe
 
 def shard_images(spec: str, size: int, limit: int) -> torch.Tensor:
     """Up to ``limit`` images from webdataset shards, (N, 3, size, size) in [-1, 1]."""
-    from mm.data.pipeline import read_shard
-    from mm.data.shards import expand_shards
+    from mm.data.shards import expand_shards, read_shard
     from mm.data.transforms import check_sample, image_key, load_image, to_tensor
 
     arrays = []

@@ -83,7 +83,7 @@ def natural_key(label: str):
 
 def labels_from_shards(sources: list[str], target: str) -> tuple[Counter, int]:
     """(label counts, samples without a label) over the training shards, in shard order."""
-    from mm.data.pipeline import shard_metadata
+    from mm.data.shards import shard_metadata
 
     counts, unlabelled = Counter(), 0
     for meta in shard_metadata(sources):

@@ -95,8 +95,7 @@ def most_common_answer(answers: list[str]) -> str:
 
 def answers_from_shards(sources: list[str]):
     """Each training question's answer list, in shard order (unreadable shards are skipped)."""
-    from mm.data.pipeline import shard_metadata
-    from mm.data.shards import questions_of
+    from mm.data.shards import questions_of, shard_metadata
 
     for meta in shard_metadata(sources):
         qas = questions_of(meta) if meta is not None else []
