@@ -2,7 +2,8 @@
 
 For shapes images it scores the image's true VQ codes under its true prompt and under every
 prompt that differs in one attribute, and counts how often the true prompt has the highest
-likelihood (teacher forcing, the model's calibrated code logits):
+likelihood (teacher forcing, the model's calibrated code logits; for a model with a T2I plan, the
+plan's too, and each part — every plan level and the codes — is also scored on its own):
 
 - colour, shape, cell: one-object images, prompt "a {colour} {shape} in the {cell}";
   alternatives: the 5 other colours, 3 other shapes, 8 other cells (chance 1/6, 1/4, 1/9);
@@ -52,10 +53,11 @@ def prompt_variants(objects: list[dict]) -> dict[str, tuple[str, list[str]]]:
 
 
 @torch.no_grad()
-def code_log_likelihood(model, tokenizer, codes: torch.Tensor, prompts: list[str],
-                        plan: torch.Tensor | None = None) -> torch.Tensor:
-    """log p(codes | prompt) for each prompt (P,), codes (h, w) of one image; for a model with a
-    T2I plan, log p(plan, codes | prompt) with the image's plan ((t, t), or (T,) for several sides)."""
+def log_likelihood_parts(model, tokenizer, codes: torch.Tensor, prompts: list[str],
+                         plan: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """{part: (P,)} for each prompt, codes (h, w) of one image: log p(codes | plan, prompt) as "codes" and,
+    for a model with a T2I plan (the image's plan, (t, t) or (T,) for several sides), log p of each plan
+    level given the levels before it as "plan{t}". Their sum is log p(plan, codes | prompt)."""
     ids, mask = tokenizer.encode(prompts, model.config.text_max_len)
     ids, mask = ids.to(codes.device), mask.to(codes.device)
     states, smask = model.encode_prompt(ids, mask)  # (P, L, D), (P, L)
@@ -64,11 +66,21 @@ def code_log_likelihood(model, tokenizer, codes: torch.Tensor, prompts: list[str
     hidden = model.t2i_states(batch, states, smask, plans)  # (P, T+N, D)
     n_plan = model.code_embed.plan_len  # T, 0 without a plan
     logp = model.code_logits(hidden[:, n_plan:]).float().log_softmax(-1)  # (P, N, K)
-    total = logp.gather(-1, batch.flatten(1).unsqueeze(-1)).squeeze(-1).sum(-1)  # (P,)
+    parts = {"codes": logp.gather(-1, batch.flatten(1).unsqueeze(-1)).squeeze(-1).sum(-1)}  # (P,)
     if n_plan:
         plan_logp = model.plan_logits(hidden[:, :n_plan]).float().log_softmax(-1)  # (P, T, V)
-        total = total + plan_logp.gather(-1, plans.flatten(1).unsqueeze(-1)).squeeze(-1).sum(-1)
-    return total
+        token_logp = plan_logp.gather(-1, plans.flatten(1).unsqueeze(-1)).squeeze(-1)  # (P, T)
+        sides = model.code_embed.plan
+        for t, level in zip(sides, token_logp.split([t * t for t in sides], dim=1)):
+            parts[f"plan{t}"] = level.sum(-1)
+    return parts
+
+
+def code_log_likelihood(model, tokenizer, codes: torch.Tensor, prompts: list[str],
+                        plan: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(codes | prompt) for each prompt (P,), codes (h, w) of one image; for a model with a
+    T2I plan, log p(plan, codes | prompt) with the image's plan ((t, t), or (T,) for several sides)."""
+    return sum(log_likelihood_parts(model, tokenizer, codes, prompts, plan).values())
 
 
 def probe_images(model, tokenizer, codes: torch.Tensor, metas: list[dict], hits: Counter, totals: Counter,
@@ -76,20 +88,32 @@ def probe_images(model, tokenizer, codes: torch.Tensor, metas: list[dict], hits:
     """Add one image batch, codes (B, h, w) with their json metadata (and, for a model with a T2I plan,
     the images' plans (B, t, t)), to ``hits`` and ``totals``.
     A hit needs the true prompt strictly above every alternative: a model that ignores the text
-    (all likelihoods equal) scores 0, not 100 %."""
+    (all likelihoods equal) scores 0, not 100 %. A plan model's hits are also counted per part
+    (key "attr@part", part = plan{t} or codes): which stage binds the word?"""
     for i, meta in enumerate(metas):
         if not is_shapes_meta(meta):  # other data sets (an ingested folder) have nothing to probe
             continue
         for attr, (true, others) in prompt_variants(meta["objects"]).items():
-            ll = code_log_likelihood(model, tokenizer, codes[i], [true, *others],
-                                     None if plans is None else plans[i])
-            hits[attr] += int(bool(ll[0] > ll[1:].max()))
-            totals[attr] += 1
+            parts = log_likelihood_parts(model, tokenizer, codes[i], [true, *others],
+                                         None if plans is None else plans[i])
+            scored = {"": sum(parts.values())} | ({f"@{k}": v for k, v in parts.items()} if len(parts) > 1 else {})
+            for suffix, ll in scored.items():
+                hits[attr + suffix] += int(bool(ll[0] > ll[1:].max()))
+                totals[attr + suffix] += 1
 
 
 def summary(hits: Counter, totals: Counter) -> dict:
-    out = {a: {"accuracy": round(100 * hits[a] / totals[a], 1), "images": totals[a]} for a in sorted(totals)}
+    """{attr: {"accuracy", "images"}, "chance": ...} and, for a plan model, "by_part": {attr: {part: accuracy}}."""
+    def pct(key):
+        return round(100 * hits[key] / totals[key], 1)
+    out = {a: {"accuracy": pct(a), "images": totals[a]} for a in sorted(totals) if "@" not in a}
+    by_part: dict[str, dict[str, float]] = {}
+    for key in sorted(k for k in totals if "@" in k):
+        attr, part = key.split("@")
+        by_part.setdefault(attr, {})[part] = pct(key)
     out["chance"] = dict(CHANCE)
+    if by_part:
+        out["by_part"] = by_part
     return out
 
 

@@ -124,7 +124,7 @@ def probe_metrics(model: Path, args) -> dict:
 
     m, tokenizer, vq, device, loader = _eval_setup(argparse.Namespace(model=str(model), data=args.data, batch_size=32))
     found = probe(m, tokenizer, vq, loader, args.max_samples, device)
-    return {f"t2i_probe_{attr}": v["accuracy"] for attr, v in found.items() if attr != "chance"}
+    return {f"t2i_probe_{attr}": v["accuracy"] for attr, v in found.items() if attr not in ("chance", "by_part")}
 
 
 def eval_vqa(model: Path, args) -> dict:

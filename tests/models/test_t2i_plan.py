@@ -4,11 +4,20 @@ Plan tokens from images, their grid positions, cached decoding and sampling agai
 reference, the loss and the probe with a plan, save/load, clear errors, and a tiny overfit.
 """
 
+from collections import Counter
+
 import pytest
 import torch
 
 from mm.errors import MMError
-from mm.eval.t2i_probe import code_log_likelihood, continue_codes
+from mm.eval.t2i_probe import (
+    code_log_likelihood,
+    continue_codes,
+    log_likelihood_parts,
+    probe_images,
+    prompt_variants,
+    summary,
+)
 from mm.generation.sampler import SamplingParams, sample_codes, sample_codes_uncached, seeds_tensor
 from mm.generation.sjd import sample_codes_sjd
 from mm.models.backbone import PLAN_LEVELS, PLAN_VOCAB, plan_tokens, sequence_positions
@@ -187,6 +196,27 @@ def test_probe_likelihood_counts_the_plan(sides):
         lp_code = model.code_logits(hidden[:, p:]).log_softmax(-1).gather(-1, codes.flatten().expand(2, -1)[..., None])
         lp_plan = model.plan_logits(hidden[:, :p]).log_softmax(-1).gather(-1, plan.flatten().expand(2, -1)[..., None])
     torch.testing.assert_close(ll, lp_code.sum((1, 2)) + lp_plan.sum((1, 2)), atol=1e-4, rtol=1e-5)
+    # each part on its own: the codes, and every plan level (2x2 then 3x3 tokens in order)
+    parts = log_likelihood_parts(model, Tok(), codes, ["a", "b"], plan)
+    sides = [sides] if isinstance(sides, int) else sides
+    assert list(parts) == ["codes", *[f"plan{t}" for t in sides]]
+    torch.testing.assert_close(parts["codes"], lp_code.sum((1, 2)), atol=1e-4, rtol=1e-5)
+    levels = lp_plan.squeeze(-1).split([t * t for t in sides], dim=1)
+    for t, level in zip(sides, levels):
+        torch.testing.assert_close(parts[f"plan{t}"], level.sum(1), atol=1e-4, rtol=1e-5)
+
+    # the probe counts each part too: every total equals the whole's, hits are per part
+    meta = {"objects": [{"color": "red", "shape": "circle", "cell": "center", "size": "large",
+                         "bbox": [8, 8, 16, 16]}], "width": 24, "height": 24}
+    hits, totals = Counter(), Counter()
+    probe_images(model, Tok(), codes[None], [meta], hits, totals, plan[None])
+    found = summary(hits, totals)
+    assert sorted(found["by_part"]) == ["cell", "colour", "count", "shape"]
+    assert sorted(found["by_part"]["cell"]) == sorted(["codes", *[f"plan{t}" for t in sides]])
+    assert all(totals[f"cell@{p}"] == totals["cell"] == 1 for p in found["by_part"]["cell"])
+    true, others = prompt_variants(meta["objects"])["cell"]
+    for part, ll in log_likelihood_parts(model, Tok(), codes, [true, *others], plan).items():
+        assert hits[f"cell@{part}"] == int(bool(ll[0] > ll[1:].max())), part
 
 
 def test_a_tiny_plan_model_learns_where_to_draw():
