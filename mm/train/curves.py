@@ -118,13 +118,19 @@ def eval_pretrain(cfg, model: Path, args, eval_dir: Path) -> dict:
 
 def probe_metrics(model: Path, args) -> dict:
     """``t2i_probe_{colour,shape,cell,count}``: which prompt words the model binds (mm.eval.t2i_probe)
-    on the first ``--max-samples`` images of ``--data``; none for data without shapes objects."""
+    on the first ``--max-samples`` images of ``--data``; none for data without shapes objects. A model
+    with a T2I plan adds the cell word's per part: ``t2i_probe_cell_plan3`` (the 3x3 plan alone), …,
+    ``t2i_probe_cell_codes``."""
     from mm.eval.t2i_probe import probe
     from mm.tasks.pretrain import _eval_setup
 
     m, tokenizer, vq, device, loader = _eval_setup(argparse.Namespace(model=str(model), data=args.data, batch_size=32))
     found = probe(m, tokenizer, vq, loader, args.max_samples, device)
-    return {f"t2i_probe_{attr}": v["accuracy"] for attr, v in found.items() if attr not in ("chance", "by_part")}
+    out = {f"t2i_probe_{attr}": v["accuracy"] for attr, v in found.items() if attr not in ("chance", "by_part")}
+    # a plan model: which stage binds the position word (the open question; the other words' parts
+    # are in scripts/t2i_probe.py's output, kept out of the plot's panels)
+    out.update({f"t2i_probe_cell_{part}": v for part, v in found.get("by_part", {}).get("cell", {}).items()})
+    return out
 
 
 def eval_vqa(model: Path, args) -> dict:
@@ -145,7 +151,7 @@ def eval_checkpoint(run_dir: Path, cfg, step: int, path: Path, use_final: bool, 
     source = {"checkpoint": str(path.resolve()), "written": (path / ckpt.COMPLETE).stat().st_mtime_ns,
               "model": "final" if use_final else "checkpoint"}
     settings = {**source, "data": args.data, "max_samples": args.max_samples, "num_prompts": args.num_prompts,
-                "t2i_probe": 1}  # figures kept before the probe existed are evaluated again
+                "t2i_probe": 2}  # figures kept before the probe (or its parts) existed are evaluated again
     saved = cache / "eval" / "curves.json"
     if saved.is_file() and json.loads(saved.read_text()).get("settings") == settings:
         return json.loads(saved.read_text())["metrics"]

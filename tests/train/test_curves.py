@@ -1,6 +1,6 @@
 """`mm eval curves`: every checkpoint of a run evaluated and plotted against training CPU-minutes.
 
-A tiny pretraining run (debug preset, 32 px, a random tiny VQ with a 4x4 code grid, 4 steps with
+A tiny pretraining run (debug preset, 32 px, a random tiny VQ with a 4x4 code grid, a 2x2 plan, 4 steps with
 a checkpoint every 2) is trained in this process; the tool must give one row per checkpoint with
 increasing training time and the T2I and retrieval figures, a PNG, a table, and leave the run
 folder as it was. A tiny VQ run joins it in a second call (its PSNR comes from metrics.jsonl).
@@ -22,6 +22,7 @@ from .test_export import make_tiny_vq
 STEPS = 4
 KEYS = {"t2i_compositional_accuracy", "retrieval_r1_i2t", "retrieval_r1_t2i"}
 PROBED = {f"t2i_probe_{a}" for a in ("colour", "shape", "cell", "count")}
+PROBED |= {"t2i_probe_cell_plan2", "t2i_probe_cell_codes"}  # the run has a 2x2 plan: the cell word per part
 
 
 def _snapshot(folder):
@@ -37,7 +38,7 @@ def pretrain_run(tmp_path_factory, shapes_cache):
         "run.dir": run, "vq.path": vq, "model.preset": "debug", "model.patch_size": 8,
         "data.image_size": 32, "data.text_max_len": 16, "data.vocab_size": 300,
         "data.shapes_cache": shapes_cache, "data.shapes_train": 64, "data.shapes_val": 16,
-        "data.val_samples": 8, "data.shuffle_buffer": 16, "train.batch_size": 4, "train.max_steps": STEPS,
+        "data.val_samples": 8, "data.shuffle_buffer": 16, "model.t2i_plan": 2, "train.batch_size": 4, "train.max_steps": STEPS,
         "train.warmup_steps": 1, "train.checkpoint_every": 2, "train.keep_checkpoints": 10,
         "train.eval_every": 0, "log.every": 1,
     }
