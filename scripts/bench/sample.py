@@ -222,7 +222,7 @@ def as_dtype(model, dtype):
     return model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small model, short runs (a smoke test)")
     ap.add_argument("--json", default="", help="write the figures here")
@@ -246,37 +246,27 @@ def main() -> None:
     ap.add_argument("--rows", default="", help=f"--model: decode options to score, of {', '.join(QUALITY_ROWS)}")
     ap.add_argument("--seeds", default="0", help="--model: first seeds of the image sets to score, comma-separated")
     args = ap.parse_args()
-    if args.model:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        res = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-               "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-        if args.windows:
-            print("batch-1 latency, plain vs SJD (guidance 3):", flush=True)
-            res.update(sjd_latency(args.model, [int(w) for w in args.windows.split(",")], 8, 3.0, 1))
-        for seed in [int(x) for x in args.seeds.split(",")]:  # another seed set = the sampling-noise reference
-            print(f"quality per decode option ({args.num_prompts} prompts, guidance 3, seed {seed}):", flush=True)
-            q = quality_table(args.model, args.num_prompts, 3.0, args.sjd_window, seed,
-                              args.rows.split(",") if args.rows else None)
-            res.setdefault("quality_runs", []).append(q)
-        res["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-        return report(res, args.json)
     if args.compile:
         args.settings = "compile"
     args.settings = args.settings or ("eager" if args.quick else "eager,compile,bf16+compile")
     unknown = [n for n in args.settings.split(",") if n not in SETTINGS]
     if unknown:
         ap.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model:
+        return report(trained_model_figures(args), args.json)
     torch.manual_seed(0)
     device = torch.device(args.device)
     d = dims(args.quick)
-    batch, prompt_len, top_k = 4, 32, 50
+    prompt_len, top_k = 32, 50
     grid = 8 if args.quick else 16  # 64 or 256 new tokens
-    new_tokens = grid * grid
     repeats = 1 if args.quick else args.repeats
-
     mm = build_mm(d, grid, prompt_len, device)
     hf = build_hf(d, device)
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -284,22 +274,54 @@ def main() -> None:
         print("roofline (eager decode step, no guidance):", flush=True)
         return report({**header(args, d, device), **roofline(mm, batches, prompt_len, top_k, device)}, args.json)
     if args.only_batches:
-        return report({**header(args, d, device), "new_tokens": new_tokens, "prompt_tokens": prompt_len,
-                       "top_k": top_k, **batch_figures(mm, hf, batches, prompt_len, new_tokens, top_k, device,
+        return report({**header(args, d, device), "new_tokens": grid * grid, "prompt_tokens": prompt_len,
+                       "top_k": top_k, **batch_figures(mm, hf, batches, prompt_len, grid * grid, top_k, device,
                                                        args.sjd_window, repeats, args.table_grid,
                                                        args.table_rows.split(",") if args.table_rows else None)},
                       args.json)
-    plain = SamplingParams(guidance_scale=1.0, top_k=top_k)
-    guided = SamplingParams(guidance_scale=3.0, top_k=top_k)
+    res = {**header(args, d, device), **headline(args, mm, hf, d, grid, prompt_len, top_k, repeats, device)}
+    if batches:
+        res.update(batch_figures(mm, hf, batches, prompt_len, grid * grid, top_k, device, args.sjd_window, repeats,
+                                 args.table_grid))
+    report(res, args.json)
+
+
+def trained_model_figures(args) -> dict:
+    """--model: batch-1 latency of plain vs SJD decoding and each decode option's quality."""
+    res = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+           "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    if args.windows:
+        print("batch-1 latency, plain vs SJD (guidance 3):", flush=True)
+        res.update(sjd_latency(args.model, [int(w) for w in args.windows.split(",")], 8, 3.0, 1))
+    for seed in [int(x) for x in args.seeds.split(",")]:  # another seed set = the sampling-noise reference
+        print(f"quality per decode option ({args.num_prompts} prompts, guidance 3, seed {seed}):", flush=True)
+        q = quality_table(args.model, args.num_prompts, 3.0, args.sjd_window, seed,
+                          args.rows.split(",") if args.rows else None)
+        res.setdefault("quality_runs", []).append(q)
+    res["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return res
+
+
+def time_settings(args, mm, batch: int, prompt_len: int, new_tokens: int, params, repeats: int, device) -> dict:
+    """Each mm setting (dtype, compile) of --settings timed on the same batch: seconds, tokens/s, warm-up."""
     settings = {}
     for name in args.settings.split(","):
         dtype, comp = SETTINGS[name]
         model, warm = as_dtype(mm, dtype), []
-        t = best_of(lambda: time_mm(model, batch, prompt_len, plain, device, comp), repeats, warm)
+        t = best_of(lambda m=model, c=comp: time_mm(m, batch, prompt_len, params, device, c), repeats, warm)
         settings[name] = {"seconds": t, "tokens_per_s": batch * new_tokens / t, "warmup_s": warm[0],
                           "dtype": str(dtype).replace("torch.", ""), "compile": comp}
         print(f"mm {name:13s} {1000 * t / new_tokens:6.1f} ms/step {batch * new_tokens / t:7.0f} tok/s "
               f"(warm-up {warm[0]:.1f} s)", flush=True)
+    return settings
+
+
+def headline(args, mm, hf, d: dict, grid: int, prompt_len: int, top_k: int, repeats: int, device) -> dict:
+    """The headline figures at batch 4: mm's settings against HF fp32 and bf16 `generate`, the cost of
+    guidance, and the per-token time early against late in a long sequence."""
+    batch, new_tokens = 4, grid * grid
+    settings = time_settings(args, mm, batch, prompt_len, new_tokens, SamplingParams(guidance_scale=1.0, top_k=top_k),
+                             repeats, device)
     t_hf = best_of(lambda: time_hf(hf, batch, prompt_len, new_tokens, top_k, device), repeats)
     hf_bf16 = as_dtype(hf, torch.bfloat16)
     t_hf_bf16 = best_of(lambda: time_hf(hf_bf16, batch, prompt_len, new_tokens, top_k, device), repeats)
@@ -314,20 +336,18 @@ def main() -> None:
     head_dtype, head_compile = SETTINGS[head]
     t_mm = settings[head]["seconds"]
     cfg_model = as_dtype(mm, head_dtype)
+    guided = SamplingParams(guidance_scale=3.0, top_k=top_k)
     t_cfg = best_of(lambda: time_mm(cfg_model, batch, prompt_len, guided, device, head_compile), repeats)
 
     # Per-token time early vs late on a 32x32 grid (16x16 in --quick), in the headline setting.
-    long_grid = 16 if args.quick else 32
-    long_mm = build_mm(d, long_grid, prompt_len, device)
+    long_mm = build_mm(d, 16 if args.quick else 32, prompt_len, device)
     long_mm.load_state_dict(mm.state_dict(), strict=False)  # same weights (positions differ in size)
     early_at, late_at = (16, 256) if args.quick else (64, 1024)
-    per_token = per_token_times(long_mm.to(head_dtype), batch, prompt_len, plain, device, (early_at, late_at),
-                                head_compile, rounds=2 if args.quick else 5)
+    per_token = per_token_times(long_mm.to(head_dtype), batch, prompt_len, SamplingParams(guidance_scale=1.0, top_k=top_k),
+                                device, (early_at, late_at), head_compile, rounds=2 if args.quick else 5)
     early, late = per_token[early_at], per_token[late_at]
     b16 = best("bfloat16")
-
-    res = {
-        **header(args, d, device),
+    return {
         "batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "top_k": top_k,
         "mm_setting": head, "compile": head_compile, "settings": settings,
         "mm_tokens_per_s": batch * new_tokens / t_mm,
@@ -342,10 +362,6 @@ def main() -> None:
         "early_position": early_at, "late_position": late_at,
         "late_over_early": late / early,
     }
-    if batches:
-        res.update(batch_figures(mm, hf, batches, prompt_len, new_tokens, top_k, device, args.sjd_window, repeats,
-                                 args.table_grid))
-    report(res, args.json)
 
 
 QUALITY_ROWS = {"plain fp32": ("fp32", "plain"), "sjd fp32": ("fp32", "sjd"), "plain bf16": ("bf16", "plain"),
