@@ -400,11 +400,9 @@ MINIMUMS = {
 }
 
 
-def validate(cfg: Config) -> Config:
-    """Checks that span fields or need ranges; each failure is one line."""
-    if cfg.run.stage not in STAGES:
-        raise MMError(f"run.stage is '{cfg.run.stage}'; use one of {', '.join(STAGES)}")
-    checks = [
+def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
+    """(key, ok, what it must be) for every field with a range or a set of choices."""
+    return [
         ("train.max_steps", cfg.train.max_steps >= 0, "must be >= 0"),
         ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
         ("train.grad_accum", cfg.train.grad_accum >= 1, "must be >= 1"),
@@ -452,7 +450,13 @@ def validate(cfg: Config) -> Config:
         ("detect.dn_label_noise", 0.0 <= cfg.detect.dn_label_noise <= 1.0, "must be in [0, 1]"),
         ("detect.dn_box_noise", 0.0 <= cfg.detect.dn_box_noise < 1.0, "must be in [0, 1)"),
     ]
-    for key, ok, what in checks:
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that span fields or need ranges; each failure is one line."""
+    if cfg.run.stage not in STAGES:
+        raise MMError(f"run.stage is '{cfg.run.stage}'; use one of {', '.join(STAGES)}")
+    for key, ok, what in _range_checks(cfg):
         if not ok:
             section, name = key.split(".")
             raise MMError(f"config key '{key}' {what}; got {getattr(getattr(cfg, section), name)!r}")
