@@ -69,7 +69,7 @@ def probe(model, tok, specs: list[dict], codes: torch.Tensor) -> dict:
     model.eval()
     P.probe_images(model, tok, codes, metas, hits, totals)
     model.train()
-    return {k: v["accuracy"] for k, v in P.summary(hits, totals).items() if k not in ("chance", "by_part")}
+    return {k: v["accuracy"] for k, v in P.summary(hits, totals).items() if k in P.CHANCE}
 
 
 def main(n: int = 2048, steps: int = 800, width: int = 128, cross_pos: int = 0, texture: int = 0,

@@ -121,12 +121,12 @@ def probe_metrics(model: Path, args) -> dict:
     on the first ``--max-samples`` images of ``--data``; none for data without shapes objects. A model
     with a T2I plan adds the cell word's per part: ``t2i_probe_cell_plan3`` (the 3x3 plan alone), …,
     ``t2i_probe_cell_codes``."""
-    from mm.eval.t2i_probe import probe
+    from mm.eval.t2i_probe import CHANCE, probe
     from mm.tasks.pretrain import _eval_setup
 
     m, tokenizer, vq, device, loader = _eval_setup(argparse.Namespace(model=str(model), data=args.data, batch_size=32))
     found = probe(m, tokenizer, vq, loader, args.max_samples, device)
-    out = {f"t2i_probe_{attr}": v["accuracy"] for attr, v in found.items() if attr not in ("chance", "by_part")}
+    out = {f"t2i_probe_{attr}": v["accuracy"] for attr, v in found.items() if attr in CHANCE}
     # a plan model: which stage binds the position word (the open question; the other words' parts
     # are in scripts/t2i_probe.py's output, kept out of the plot's panels)
     out.update({f"t2i_probe_cell_{part}": v for part, v in found.get("by_part", {}).get("cell", {}).items()})
